@@ -1,0 +1,1 @@
+"""edge-agent: the device daemon (fetch, verify, select, activate, serve, report)."""

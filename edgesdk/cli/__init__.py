@@ -1,0 +1,1 @@
+"""edgesdk command line (typer): one sub-app per noun."""

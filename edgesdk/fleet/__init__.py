@@ -1,0 +1,1 @@
+"""Fleet-side services: package repository, deployment, telemetry collection."""

@@ -1,0 +1,1 @@
+"""Host-side packaging pipeline: passes that load, fix, simplify, build and validate variants."""

@@ -1,0 +1,1 @@
+"""Built-in target profiles (YAML data, installed as the ``edgesdk.targets`` package)."""
