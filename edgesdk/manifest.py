@@ -53,7 +53,7 @@ class Variant:
     metrics: dict[str, Any] = field(default_factory=dict)  # per-output accuracy vs fp32 reference
     gate: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "failures": [...], ...}
     remedies: list[dict[str, Any]] = field(default_factory=list)  # repairs tried and their result
-    host_latency_ms: dict[str, Any] | None = None  # {"p50":..,"p95":..,"ratio_to_fp32":..}
+    host_latency_ms: dict[str, Any] | None = None  # {"p50_ms", "p95_ms", ..., "speedup_vs_fp32"}
     health_tolerance: dict[str, float] = field(default_factory=dict)  # {"cosine_min":..,"max_abs":..}
     size: int = 0  # bytes of all its files
 

@@ -17,13 +17,14 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgesdk.atomicfile import atomic_writer, fsync_dir
-from edgesdk.errors import IntegrityError, PackageError, SignatureError
+from edgesdk.errors import IntegrityError, PackageError, PackagingError, SignatureError
 from edgesdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
-from edgesdk.signing import sign, verify_signature
+from edgesdk.signing import SIGNATURE_SIZE, sign, verify_signature
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MEMBERS = 10_000
@@ -57,7 +58,10 @@ def write_package(out_path: str | Path, manifest: Manifest, files: Mapping[str, 
         check_member_name(arcname)
         if arcname in (MANIFEST_NAME, SIGNATURE_NAME):
             raise PackageError(f"{arcname}: reserved name inside a package")
-        manifest.files[arcname] = FileEntry(sha256_file(path), os.path.getsize(path))
+        try:
+            manifest.files[arcname] = FileEntry(sha256_file(path), os.path.getsize(path))
+        except OSError as exc:
+            raise PackagingError(f"{path}: cannot read file for package member {arcname}: {exc.strerror}") from None
     manifest_bytes = manifest.to_bytes()
     signature = sign(key, manifest_bytes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,13 +89,35 @@ class OpenedPackage:
     manifest_bytes: bytes
     signature: bytes | None
     signer: str | None  # key id of the trusted key that signed it, when verified
+    handle: BinaryIO | None = None  # the open package file every later pass reads
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> OpenedPackage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _open_tar(path: Path) -> tarfile.TarFile:
+def _open_file(path: Path) -> BinaryIO:
     try:
-        return tarfile.open(path, mode="r:")
+        return open(path, "rb")
     except FileNotFoundError:
         raise PackageError(f"{path}: no such package file") from None
+    except OSError as exc:
+        raise PackageError(f"{path}: cannot read package: {exc.strerror}") from None
+
+
+def _open_tar(handle: BinaryIO, path: Path) -> tarfile.TarFile:
+    """A tar reader over ``handle`` from its start: every pass reads the same open file, so a
+    package swapped on disk after it was checked is never the one extracted."""
+    handle.seek(0)
+    try:
+        return tarfile.open(fileobj=handle, mode="r:")
     except (tarfile.TarError, OSError) as exc:
         raise PackageError(f"{path}: not an .edgepkg (unreadable tar: {exc})") from None
 
@@ -103,7 +129,10 @@ def _members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
         for info in tar:
             if len(members) >= MAX_MEMBERS:
                 raise PackageError(f"{path}: hostile archive: more than {MAX_MEMBERS} members")
-            check_member_name(info.name)
+            try:
+                check_member_name(info.name)
+            except PackageError as exc:
+                raise PackageError(f"{path}: {exc}") from None
             if not info.isreg():
                 raise PackageError(f"{path}: hostile archive: member {info.name!r} is not a regular file")
             if info.name in seen:
@@ -117,14 +146,31 @@ def _members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
 
 def open_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | None = None,
                  require_signature: bool = True) -> OpenedPackage:
-    """Read and validate the manifest; verify the signature against ``trusted_keys`` when given."""
+    """Read and validate the manifest; verify the signature against ``trusted_keys`` when given.
+
+    The returned package keeps its file open (``close()`` or use it as a context manager); the
+    later passes (`check_files`, `extract_package`) read that same open file.
+    """
     path = Path(path)
-    with _open_tar(path) as tar:
+    handle = _open_file(path)
+    try:
+        return _open_handle(handle, path, trusted_keys, require_signature)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _open_handle(handle: BinaryIO, path: Path, trusted_keys: Iterable[Ed25519PublicKey] | None,
+                 require_signature: bool) -> OpenedPackage:
+    with _open_tar(handle, path) as tar:
         members = {m.name: m for m in _members(tar, path)}
         if MANIFEST_NAME not in members:
             raise PackageError(f"{path}: not an .edgepkg (no {MANIFEST_NAME})")
         if members[MANIFEST_NAME].size > MAX_MANIFEST_BYTES:
             raise PackageError(f"{path}: hostile archive: {MANIFEST_NAME} is oversized")
+        if SIGNATURE_NAME in members and members[SIGNATURE_NAME].size != SIGNATURE_SIZE:
+            raise SignatureError(f"{path}: {SIGNATURE_NAME} is {members[SIGNATURE_NAME].size} bytes, "
+                                 f"expected {SIGNATURE_SIZE}")
         manifest_bytes = _read_member(tar, members[MANIFEST_NAME], path)
         signature = _read_member(tar, members[SIGNATURE_NAME], path) if SIGNATURE_NAME in members else None
         try:
@@ -139,7 +185,10 @@ def open_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | No
                 raise IntegrityError(f"{path}: {name}: size {info.size} differs from the manifest's "
                                      f"{manifest.files[name].size}")
         for name in manifest.files:
-            check_member_name(name)
+            try:
+                check_member_name(name)
+            except PackageError as exc:
+                raise PackageError(f"{path}: manifest: {exc}") from None
             if name not in members:
                 raise IntegrityError(f"{path}: {name}: listed in the manifest but missing (truncated?)")
     signer = None
@@ -152,7 +201,7 @@ def open_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | No
                 signer = verify_signature(trusted_keys, manifest_bytes, signature)
             except SignatureError as exc:
                 raise SignatureError(f"{path}: {exc}") from None
-    return OpenedPackage(path, manifest, manifest_bytes, signature, signer)
+    return OpenedPackage(path, manifest, manifest_bytes, signature, signer, handle)
 
 
 def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> bytes:
@@ -167,12 +216,23 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> byt
 
 def verify_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey]) -> OpenedPackage:
     """Signature and every file's size and sha256; raises on the first thing that does not hold."""
-    opened = open_package(path, trusted_keys)
-    with _open_tar(opened.path) as tar:
+    with open_package(path, trusted_keys) as opened:
+        check_files(opened)
+    return opened
+
+
+def _handle_of(opened: OpenedPackage) -> BinaryIO:
+    if opened.handle is None:
+        raise PackageError(f"{opened.path}: package was closed")
+    return opened.handle
+
+
+def check_files(opened: OpenedPackage) -> None:
+    """Check every declared file's size and sha256 (does not check the signature)."""
+    with _open_tar(_handle_of(opened), opened.path) as tar:
         for info in tar:
             if info.name in opened.manifest.files:
                 _copy_verified(tar, info, opened.manifest.files[info.name], None, opened.path)
-    return opened
 
 
 def _copy_verified(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry,
@@ -198,36 +258,58 @@ def _copy_verified(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry
 
 def extract_package(path: str | Path, dest: str | Path,
                     trusted_keys: Iterable[Ed25519PublicKey]) -> OpenedPackage:
-    """Verify and extract into ``dest`` (created; must not exist). On any failure ``dest`` is removed."""
-    opened = open_package(path, trusted_keys)
+    """Verify and extract into ``dest``, replacing it. On any failure ``dest`` is left as it was.
+
+    Only the signed manifest bytes, the signature and declared files whose size and sha256
+    match are written; every byte comes from the one open file that was verified.
+    """
     dest = Path(dest)
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        root = staging.resolve()
-        with _open_tar(opened.path) as tar:
-            for info in tar:
-                target = (staging / info.name).resolve()
-                if root not in target.parents:
-                    raise PackageError(f"{path}: hostile archive: {info.name!r} points outside")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "xb") as out:
-                    if info.name in opened.manifest.files:
-                        _copy_verified(tar, info, opened.manifest.files[info.name], out, opened.path)
-                    else:  # manifest.json / manifest.sig, already checked
-                        out.write(_read_member(tar, info, opened.path))
-                    out.flush()
-                    os.fsync(out.fileno())
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
+    with open_package(path, trusted_keys) as opened:
+        staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    opened.path = Path(path)
+        staging.mkdir(parents=True)
+        try:
+            _extract_into(opened, staging)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return opened
+
+
+def _extract_into(opened: OpenedPackage, staging: Path) -> None:
+    root = staging.resolve()
+    fixed = {MANIFEST_NAME: opened.manifest_bytes, SIGNATURE_NAME: opened.signature}
+    for name, data in fixed.items():
+        if data is not None:
+            _write_new(staging / name, data)
+    with _open_tar(_handle_of(opened), opened.path) as tar:
+        for info in tar:
+            if info.name in fixed:
+                continue
+            if info.name not in opened.manifest.files:
+                raise PackageError(f"{opened.path}: member {info.name!r} is not declared in the manifest")
+            target = (staging / info.name).resolve()
+            if root not in target.parents:
+                raise PackageError(f"{opened.path}: hostile archive: {info.name!r} points outside")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as out:
+                _copy_verified(tar, info, opened.manifest.files[info.name], out, opened.path)
+                out.flush()
+                os.fsync(out.fileno())
+    missing = [n for n in opened.manifest.files if not (staging / n).is_file()]
+    if missing:
+        raise IntegrityError(f"{opened.path}: {missing[0]}: listed in the manifest but missing")
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    with open(path, "xb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def package_filename(name: str, version: str, target: str) -> str:

@@ -236,6 +236,8 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
         if not any(p.runs(info.runtime, info.precision) for p in providers):
             raise _fail(source, where + ".kind",
                         f"no provider in this profile runs {kind} ({info.runtime} {info.precision})")
+        if any(v.kind == kind for v in variants):
+            raise _fail(source, where + ".kind", f"variant kind {kind!r} is listed twice")
         variants.append(VariantSpec(kind, dict(options)))
     if not variants:
         raise _fail(source, "variants", "must list at least one variant")

@@ -1,0 +1,194 @@
+"""Pick the fastest variant × provider that this device really has and that passes the health check.
+
+For every variant in the package and every provider the profile allows for it that the device
+has: open a session (a silent ORT fallback to another provider counts as unavailable), warm up,
+time runs within the candidate's share of the budget, rank by median (ties by profile order),
+then health-check in that order on the package's reference I/O; the first that passes wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesdk.benchmark import time_session
+from edgesdk.errors import EdgeError, HealthCheckError, RuntimeUnavailableError
+from edgesdk.manifest import Manifest
+from edgesdk.validation import health_check
+
+SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=...) -> Session
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    runtime: str
+    provider: str
+    precision: str
+    file: str  # path inside the package
+    runtime_options: dict = field(default_factory=dict, hash=False, compare=False)
+    order: int = 0  # profile preference order (variant index × providers + provider index)
+
+
+@dataclass
+class CandidateResult:
+    candidate: Candidate
+    status: str = "pending"  # ok | unavailable | load_failed | health_failed | not_checked | selected
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    runs: int = 0
+    health: bool | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.candidate.variant, "runtime": self.candidate.runtime,
+                "provider": self.candidate.provider, "precision": self.candidate.precision,
+                "status": self.status, "p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "runs": self.runs,
+                "health": self.health, "detail": self.detail}
+
+
+@dataclass
+class Selection:
+    chosen: Candidate
+    session: Any  # the chosen candidate's open session, ready to serve
+    table: list[CandidateResult]
+    cache_key: str
+    from_cache: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.chosen.variant, "runtime": self.chosen.runtime, "provider": self.chosen.provider,
+                "cache_key": self.cache_key, "from_cache": self.from_cache,
+                "table": [r.to_dict() for r in self.table]}
+
+
+def list_candidates(manifest: Manifest, available: dict[str, list[str]]) -> tuple[list[Candidate], list[dict]]:
+    """Every variant × provider the package allows and this device has; and what was left out, why."""
+    found, missing = [], []
+    order = 0
+    for variant in manifest.variants:
+        for provider in variant.providers:
+            order += 1
+            if provider in available.get(variant.runtime, []):
+                found.append(Candidate(variant.id, variant.runtime, provider, variant.precision, variant.file,
+                                       dict(variant.runtime_options), order))
+            else:
+                missing.append({"variant": variant.id, "runtime": variant.runtime, "provider": provider,
+                                "reason": "not on this device"})
+    return found, missing
+
+
+def load_reference(install_dir: Path, manifest: Manifest) -> tuple[list[dict], list[dict]]:
+    """The package's reference inputs and fp32 outputs, as lists of per-sample dicts."""
+
+    def unstack(path: Path) -> list[dict[str, np.ndarray]]:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        count = min(a.shape[0] for a in arrays.values())
+        return [{k: a[i] for k, a in arrays.items()} for i in range(count)]
+
+    return unstack(install_dir / manifest.reference["inputs"]), unstack(install_dir / manifest.reference["outputs"])
+
+
+def cache_key(package_id: str, hardware_fingerprint: str, runtime_versions: dict[str, str]) -> str:
+    raw = json.dumps([package_id, hardware_fingerprint, runtime_versions], sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int | None) -> Any:
+    return factory(install_dir / c.file, c.runtime, c.provider, options=c.runtime_options, threads=threads)
+
+
+def _health(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict], ref_out: list[dict]) -> tuple[bool, str]:
+    outputs = [session.run(feeds) for feeds in ref_in]
+    result = health_check(ref_out, outputs, manifest.variant(c.variant).health_tolerance)
+    return bool(result.passed), "; ".join(result.failures)
+
+
+def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]], key: str,
+           budget_s: float = 30.0, session_factory: SessionFactory | None = None,
+           cached: dict | None = None, threads: int | None = None,
+           clock: Callable[[], float] = time.perf_counter) -> Selection:
+    """Benchmark every candidate within ``budget_s`` and return the fastest healthy one.
+
+    ``cached`` is an earlier decision for the same ``key`` (package, hardware, runtime versions):
+    its winner is re-opened and health-checked without benchmarking; if that fails, select afresh.
+    """
+    if session_factory is None:
+        from edgesdk.runtime import open_session as session_factory  # lazy: imports onnxruntime
+    candidates, missing = list_candidates(manifest, available)
+    if not candidates:
+        raise HealthCheckError(f"no variant of {manifest.name} {manifest.version} can run here: the package needs "
+                               + ", ".join(sorted({f"{m['runtime']}:{m['provider']}" for m in missing})))
+    ref_in, ref_out = load_reference(install_dir, manifest)
+    if cached and cached.get("cache_key") == key:
+        hit = next((c for c in candidates if (c.variant, c.runtime, c.provider)
+                    == (cached.get("variant"), cached.get("runtime"), cached.get("provider"))), None)
+        if hit is not None:
+            try:
+                session = _open(session_factory, install_dir, hit, threads)
+                ok, _ = _health(session, manifest, hit, ref_in, ref_out)
+                if ok:
+                    table = [CandidateResult(hit, "selected", detail="cached decision")]
+                    table += [CandidateResult(c, "not_checked", detail="cached decision") for c in candidates if c != hit]
+                    return Selection(hit, session, table, key, from_cache=True)
+                session.close()
+            except EdgeError:
+                pass
+    results = [CandidateResult(c) for c in candidates]
+    share = budget_s / len(candidates)
+    sessions: dict[Candidate, Any] = {}
+    for res in results:
+        c = res.candidate
+        try:
+            session = _open(session_factory, install_dir, c, threads)
+        except RuntimeUnavailableError as exc:  # missing, or ORT silently fell back to another provider
+            res.status, res.detail = "unavailable", str(exc)
+            continue
+        except EdgeError as exc:
+            res.status, res.detail = "load_failed", str(exc)
+            continue
+        try:
+            stats = time_session(session, ref_in[0], warmup=2, runs=200, budget_s=share, clock=clock)
+        except Exception as exc:  # a runtime can fail at run time in many ways; record it, try the next
+            res.status, res.detail = "load_failed", f"{type(exc).__name__}: {exc}"
+            session.close()
+            continue
+        res.status, res.p50_ms, res.p95_ms, res.runs = "ok", stats.p50_ms, stats.p95_ms, stats.runs
+        sessions[c] = session
+    ranked = sorted((r for r in results if r.status == "ok"), key=lambda r: (r.p50_ms, r.candidate.order))
+    chosen = None
+    for res in ranked:
+        session = sessions[res.candidate]
+        if chosen is not None:
+            res.status = "not_checked"
+            continue
+        try:
+            ok, detail = _health(session, manifest, res.candidate, ref_in, ref_out)
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        res.health = ok
+        if ok:
+            res.status = "selected"
+            chosen = res.candidate
+        else:
+            res.status, res.detail = "health_failed", detail
+    for c, session in sessions.items():
+        if c != chosen:
+            session.close()
+    if chosen is None:
+        summary = "; ".join(f"{r.candidate.variant}@{r.candidate.provider}: {r.status} {r.detail}".strip()
+                            for r in results)
+        raise HealthCheckError(f"no candidate passed the health check ({summary})")
+    return Selection(chosen, sessions[chosen], results, key)
+
+
+def selection_record(selection: Selection) -> dict:
+    """What is cached and reported: the winner, the key and the whole table."""
+    return selection.to_dict() | {"chosen": asdict(selection.chosen)}

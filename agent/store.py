@@ -1,0 +1,273 @@
+"""Installed package versions on disk, and which one is active.
+
+    data_dir/
+      versions/{package_id}/         an extracted package (complete: renamed into place whole)
+      versions/{package_id}.partial  an extraction in progress (removed by recover())
+      versions/.trash-*              a version being deleted (renamed first, then removed)
+      active.json                    {"active": {...} | null, "previous": {...} | null}
+
+Each step that changes what is installed is one atomic rename (a folder, or active.json written
+to a temp file, fsynced, renamed, folder fsynced), so an agent killed at any point restarts, after
+`recover()`, into the old version or the new one, never a half-written one. `checkpoint` names
+each point between steps; tests use it to kill a real process exactly there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgesdk.atomicfile import atomic_writer, fsync_dir
+from edgesdk.errors import InstallError, PackageError
+from edgesdk.manifest import MANIFEST_NAME, Manifest
+
+T = TypeVar("T")
+STATE_NAME = "active.json"
+PARTIAL = ".partial"
+TRASH = ".trash-"
+# Package ids become folder names: no separators, no leading dot, never `..`.
+PACKAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+SELECTION_KEYS = ("variant", "runtime", "provider")
+
+# The named points between steps, in order, for fault-injection tests.
+CHECKPOINTS = ("before-extract", "after-extract", "after-rename", "before-replace", "after-replace",
+               "trash-renamed")
+
+
+def check_package_id(package_id: str) -> str:
+    if (not isinstance(package_id, str) or not PACKAGE_ID.fullmatch(package_id)
+            or package_id.endswith(PARTIAL)):
+        raise InstallError(f"invalid package id {package_id!r} (letters, digits, _ . + - only)")
+    return package_id
+
+
+class VersionStore:
+    """The versions folder and the active/previous pointers of one agent's data_dir."""
+
+    def __init__(self, data_dir: str | Path, clock: Callable[[], float] = time.time,
+                 checkpoint: Callable[[str], None] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.versions_dir = self.data_dir / "versions"
+        self.state_path = self.data_dir / STATE_NAME
+        self._clock = clock
+        self._checkpoint = checkpoint or (lambda name: None)
+        self._lock = threading.RLock()  # one mutation at a time; readers need none (atomic renames)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------
+    def install_dir(self, package_id: str) -> Path:
+        return self.versions_dir / check_package_id(package_id)
+
+    def has_version(self, package_id: str) -> bool:
+        """The version's folder is complete: its manifest reads and every file it lists has its size."""
+        return self.version_problem(package_id) is None
+
+    def version_problem(self, package_id: str) -> str | None:
+        """Why the installed version is unusable (sizes only: hashing GBs at every boot is too slow)."""
+        folder = self.install_dir(package_id)
+        if not folder.is_dir():
+            return "its folder is missing"
+        try:
+            manifest = Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes())
+        except FileNotFoundError:
+            return f"it has no {MANIFEST_NAME}"
+        except (OSError, PackageError) as exc:
+            return f"its {MANIFEST_NAME} is unreadable ({exc})"
+        for name, entry in manifest.files.items():
+            try:
+                size = (folder / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if size != entry.size:
+                return f"{name} has {size} bytes, the manifest says {entry.size}"
+        return None
+
+    def installed(self) -> list[str]:
+        return sorted(p.name for p in self.versions_dir.iterdir()
+                      if p.is_dir() and PACKAGE_ID.fullmatch(p.name) and not p.name.endswith(PARTIAL))
+
+    def active(self) -> dict[str, Any] | None:
+        return self._read_state()["active"]
+
+    def previous(self) -> dict[str, Any] | None:
+        return self._read_state()["previous"]
+
+    # -- changing ------------------------------------------------------------------------------
+    def stage(self, package_id: str, extract_fn: Callable[[Path], T]) -> T:
+        """Run ``extract_fn(staging_dir)`` and rename the result into versions/{package_id}.
+
+        ``staging_dir`` exists and is empty; `edgesdk.package.extract_package(pkg, staging_dir, keys)`
+        fits (it replaces the folder it is given). A version already active or previous is kept
+        as it is (same id, same signed content); any other folder of that id is replaced.
+        """
+        final = self.install_dir(package_id)
+        staging = final.with_name(final.name + PARTIAL)
+        with self._lock:
+            self._discard(staging)
+            staging.mkdir()
+            self._checkpoint("before-extract")
+            try:
+                result = extract_fn(staging)
+                if not (staging / MANIFEST_NAME).is_file():
+                    raise InstallError(f"package {package_id}: extraction left no {MANIFEST_NAME}")
+                fsync_dir(staging)
+            except BaseException:
+                self._discard(staging)
+                raise
+            self._checkpoint("after-extract")
+            in_use = {r["package_id"] for r in (self.active(), self.previous()) if r}
+            if final.exists():
+                if package_id in in_use and self.has_version(package_id):
+                    self._discard(staging)
+                    return result
+                self._discard(final)
+            os.replace(staging, final)
+            fsync_dir(self.versions_dir)
+            self._checkpoint("after-rename")
+            return result
+
+    def activate(self, package_id: str, selection: dict[str, Any]) -> None:
+        """Atomically make ``package_id`` active with ``selection``; the active one becomes previous."""
+        for key in SELECTION_KEYS:
+            if not isinstance(selection.get(key), str):
+                raise InstallError(f"activate {package_id}: selection needs a string {key!r}")
+        with self._lock:
+            problem = self.version_problem(package_id)
+            if problem:
+                raise InstallError(f"cannot activate {package_id}: {problem}")
+            state = self._read_state()
+            record = {**selection, "package_id": package_id, "activated_at": self._now()}
+            current = state["active"]
+            # Re-activating the same package (a new selection) keeps the older previous version.
+            previous = state["previous"] if current and current["package_id"] == package_id else current
+            self._write_state(record, previous)
+
+    def rollback(self) -> dict[str, Any]:
+        """Swap active and previous; raise InstallError (nothing changed) when there is no usable previous."""
+        with self._lock:
+            state = self._read_state()
+            previous = state["previous"]
+            if previous is None:
+                raise InstallError("no previous version to roll back to")
+            problem = self.version_problem(previous["package_id"])
+            if problem:
+                raise InstallError(f"cannot roll back to {previous['package_id']}: {problem}")
+            record = {**previous, "activated_at": self._now()}
+            self._write_state(record, state["active"])
+            return record
+
+    def gc(self, keep: int = 2) -> list[str]:
+        """Remove versions beyond the newest ``keep`` (active and previous always count first)
+        and stray staging/trash folders. Returns the package ids removed. Not concurrent with stage()."""
+        if keep < 1:
+            raise InstallError(f"gc: keep must be >= 1, got {keep}")
+        with self._lock:
+            state = self._read_state()
+            kept = [r["package_id"] for r in (state["active"], state["previous"]) if r][:keep]
+            others = sorted((v for v in self.installed() if v not in kept),
+                            key=lambda v: self.install_dir(v).stat().st_mtime, reverse=True)
+            kept += others[:max(0, keep - len(kept))]
+            if state["previous"] and state["previous"]["package_id"] not in kept:
+                self._write_state(state["active"], None)
+            removed = [v for v in self.installed() if v not in kept]
+            for package_id in removed:
+                self._discard(self.install_dir(package_id))
+            self._clean_leftovers()
+            return removed
+
+    def recover(self) -> list[str]:
+        """Run at start: clear leftovers of an interrupted install, and make sure the active
+        version is complete (else fall back to previous). Returns what was done, as sentences."""
+        with self._lock:
+            report = [f"removed unfinished {name}" for name in self._clean_leftovers()]
+            try:
+                state = self._read_state()
+            except InstallError as exc:
+                broken = self.state_path.with_name(f"{STATE_NAME}.corrupt-{int(self._clock())}")
+                os.replace(self.state_path, broken)
+                report.append(f"{exc}; moved it to {broken.name} and started with no active version")
+                state = {"active": None, "previous": None}
+            active, previous = state["active"], state["previous"]
+            if previous and (problem := self.version_problem(previous["package_id"])):
+                report.append(f"previous version {previous['package_id']} is unusable ({problem}); forgot it")
+                previous = None
+            if active and (problem := self.version_problem(active["package_id"])):
+                if previous:
+                    report.append(f"active version {active['package_id']} is unusable ({problem}); "
+                                  f"fell back to previous version {previous['package_id']}")
+                    active, previous = {**previous, "activated_at": self._now()}, None
+                else:
+                    report.append(f"active version {active['package_id']} is unusable ({problem}) "
+                                  "and there is no previous version; nothing is active")
+                    active = None
+            if (active, previous) != (state["active"], state["previous"]):
+                self._write_state(active, previous)
+            return report
+
+    # -- internals -----------------------------------------------------------------------------
+    def _now(self) -> str:
+        return datetime.fromtimestamp(self._clock(), timezone.utc).isoformat(timespec="seconds").replace(
+            "+00:00", "Z")
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return {"active": None, "previous": None}
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            state = {k: data.get(k) for k in ("active", "previous")}
+            for record in state.values():
+                if record is not None and not (isinstance(record, dict)
+                                               and isinstance(record.get("package_id"), str)):
+                    raise ValueError("a record without package_id")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InstallError(f"{self.state_path}: corrupt state file ({exc})") from None
+        return state
+
+    def _write_state(self, active: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
+        data = (json.dumps({"active": active, "previous": previous}, indent=1, sort_keys=True) + "\n").encode()
+        with atomic_writer(self.state_path) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+            self._checkpoint("before-replace")
+        self._checkpoint("after-replace")
+
+    def _discard(self, path: Path) -> None:
+        """Delete a folder so that a crash midway never leaves a half-deleted version under its name."""
+        if not path.exists():
+            return
+        trash = path.with_name(f"{TRASH}{path.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+        self._checkpoint("trash-renamed")
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _clean_leftovers(self) -> list[str]:
+        removed = []
+        for entry in self.versions_dir.iterdir():
+            if entry.name.endswith(PARTIAL) or entry.name.startswith(TRASH):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        # atomic_writer's temp files (".active.json.XXXX.tmp") from a write that was killed.
+        for entry in self.data_dir.glob(f".{STATE_NAME}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            removed.append(entry.name)
+        return sorted(removed)

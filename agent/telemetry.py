@@ -1,0 +1,196 @@
+"""Per-window latency telemetry: record every inference, roll a closed window once a period.
+
+`LatencyRecorder.record` runs on every inference, so it is a lock plus one histogram update
+(~1-2 µs on a slow core). `roll` closes the window: it swaps the histogram under the lock, then
+computes percentiles, probes the process and persists the next sequence number outside it.
+
+Semantics of a window (what a fleet collector reads):
+- ``count`` = requests that reached the model (ok + errors); ``errors`` = the runtime raised;
+  ``rejected`` = refused before the model ran (bad input names/dtypes/shapes), kept apart so a
+  client sending bad input cannot make a good model look broken.
+- latency percentiles and the histogram cover successful inferences only.
+- ``seq`` increases by one per emitted window and survives restarts (small state file).
+- ``dropped_windows`` is the spool's running total of windows dropped on overflow (a counter:
+  the collector takes differences, and a lost window cannot hide earlier drops).
+- ``histogram`` is `LatencyHistogram.to_bounds` (upper bound in ms as text -> count); ``extra``
+  carries what makes it exactly mergeable and re-buildable: ``histogram_scheme`` ("log1.01/1"),
+  ``histogram_sum_ns``, ``min_ms``, plus ``rejected`` and ``mean_ms``
+  (`histogram_of` rebuilds the histogram from a received window).
+
+The window is `edgesdk.protocol.TelemetryWindow`, the message published as is.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.histogram import SCHEME_ID, SCHEME_VERSION, IncompatibleHistogramError, LatencyHistogram
+from edgesdk.atomicfile import write_bytes_atomic
+from edgesdk.errors import ConfigError
+from edgesdk.protocol import TelemetryWindow
+
+SCHEME = f"{SCHEME_ID}/{SCHEME_VERSION}"
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    cpu_percent: float | None  # since the previous probe, 100 = one core busy
+    rss_mb: float | None
+
+
+def psutil_probe() -> Callable[[], ProcessStats]:
+    """A probe of this process via psutil; returns Nones when psutil is not installed."""
+    try:
+        import psutil
+    except ImportError:  # the agent extra installs psutil; a bare core install still runs
+        return lambda: ProcessStats(None, None)
+    proc = psutil.Process()
+    proc.cpu_percent(None)  # first call primes the counter and returns 0.0
+
+    def probe() -> ProcessStats:
+        with proc.oneshot():
+            return ProcessStats(proc.cpu_percent(None), proc.memory_info().rss / (1024 * 1024))
+
+    return probe
+
+
+@dataclass(frozen=True)
+class WindowContext:
+    """What the window's numbers were measured on; the daemon supplies it from the active model."""
+
+    package_id: str | None = None
+    variant: str | None = None
+    provider: str | None = None
+
+
+class LatencyRecorder:
+    """Thread-safe latency recorder that rolls numbered windows; ``seq`` persists in ``state_path``.
+
+    ``clock`` is the wall clock for window bounds; ``probe`` reads process CPU/RSS (inject a
+    constant one in tests); ``emit_empty`` makes windows with no requests heartbeats instead of None.
+    ``min_seq`` lets the daemon keep seq above windows still pending in the spool if the state file
+    was lost.
+    """
+
+    def __init__(self, state_path: str | Path, *, clock: Callable[[], float] = time.time,
+                 probe: Callable[[], ProcessStats] | None = None, emit_empty: bool = True,
+                 min_seq: int = 0) -> None:
+        self._state_path = Path(state_path)
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._probe = probe if probe is not None else psutil_probe()
+        self._emit_empty = emit_empty
+        self._lock = threading.Lock()  # guards the open window; held for one histogram update
+        self._roll_lock = threading.Lock()  # serialises roll() so seq is persisted in order
+        self._hist = LatencyHistogram()
+        self._errors = 0
+        self._rejected = 0
+        self._lifetime = LatencyHistogram()  # closed windows merged; `snapshot` adds the open one
+        self._lifetime_errors = 0
+        self._lifetime_rejected = 0
+        self._next_seq = max(self._load_seq(), min_seq)
+        self._window_start = clock()
+        self._last: TelemetryWindow | None = None
+
+    def _load_seq(self) -> int:
+        try:
+            raw = self._state_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        try:
+            data = json.loads(raw)
+            seq = data["next_seq"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{self._state_path}: telemetry state is not valid JSON with 'next_seq'") from None
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ConfigError(f"{self._state_path}: 'next_seq' must be a non-negative integer, got {seq!r}")
+        return seq
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def last_window(self) -> TelemetryWindow | None:
+        """The most recently closed window (for /metrics), None before the first roll."""
+        return self._last
+
+    def record(self, latency_ms: float, ok: bool = True) -> None:
+        """Count one inference; the latency of a failed one is not a model latency and is not kept."""
+        with self._lock:
+            if ok:
+                self._hist.record(latency_ms)
+            else:
+                self._errors += 1
+
+    def record_rejected(self) -> None:
+        """Count one request refused before it reached the model (bad input)."""
+        with self._lock:
+            self._rejected += 1
+
+    def snapshot(self) -> tuple[LatencyHistogram, int, int]:
+        """Since start: (latency histogram, errors, rejected), open window included (for /metrics)."""
+        with self._lock:
+            hist = self._lifetime.copy()
+            hist.merge(self._hist)
+            return hist, self._lifetime_errors + self._errors, self._lifetime_rejected + self._rejected
+
+    def roll(self, now: float | None = None, context: WindowContext | None = None,
+             dropped_windows: int = 0) -> TelemetryWindow | None:
+        """Close the current window at ``now`` (default: the clock) and start the next one.
+
+        Returns None for an empty window when ``emit_empty`` is False (no seq is used then).
+        """
+        with self._roll_lock:
+            return self._roll(self._clock() if now is None else now, context or WindowContext(), dropped_windows)
+
+    def _roll(self, end: float, ctx: WindowContext, dropped_windows: int) -> TelemetryWindow | None:
+        with self._lock:
+            hist, errors, rejected = self._hist, self._errors, self._rejected
+            self._hist, self._errors, self._rejected = LatencyHistogram(), 0, 0
+            self._lifetime.merge(hist)
+            self._lifetime_errors += errors
+            self._lifetime_rejected += rejected
+            start, self._window_start = self._window_start, end
+            empty = hist.count == 0 and errors == 0 and rejected == 0
+            if empty and not self._emit_empty:
+                return None
+            seq = self._next_seq
+            self._next_seq = seq + 1
+        # Persist before the window leaves this object: a crash after it is published must not
+        # reuse the seq. One small fsynced write per window (once a minute) costs nothing.
+        write_bytes_atomic(self._state_path, json.dumps({"version": STATE_VERSION, "next_seq": seq + 1}).encode())
+        stats = self._probe()
+        window = TelemetryWindow(
+            seq=seq, window_start=start, window_end=max(end, start),  # a wall clock stepped back
+            count=hist.count + errors, errors=errors,
+            p50_ms=hist.percentile(50), p95_ms=hist.percentile(95), p99_ms=hist.percentile(99),
+            max_ms=hist.max, histogram=hist.to_bounds(),
+            variant=ctx.variant, provider=ctx.provider, package_id=ctx.package_id,
+            cpu_percent=stats.cpu_percent, rss_mb=stats.rss_mb, dropped_windows=dropped_windows,
+            extra={"rejected": rejected, "mean_ms": hist.mean, "min_ms": hist.min,
+                   "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns})
+        self._last = window
+        return window
+
+
+def histogram_of(window: TelemetryWindow) -> LatencyHistogram:
+    """The window's exact latency histogram, for a collector merging windows and devices."""
+    extra = window.extra
+    if extra.get("histogram_scheme") != SCHEME:
+        raise IncompatibleHistogramError(
+            f"telemetry seq {window.seq}: histogram scheme {extra.get('histogram_scheme')!r} is not {SCHEME!r}")
+    sum_ns = extra.get("histogram_sum_ns", 0)
+    if isinstance(sum_ns, bool) or not isinstance(sum_ns, int) or sum_ns < 0:
+        raise IncompatibleHistogramError(f"telemetry seq {window.seq}: 'histogram_sum_ns' must be an integer >= 0")
+    min_ms = extra.get("min_ms")
+    return LatencyHistogram.from_bounds(window.histogram, sum_ns=sum_ns,
+                                        min_ms=float(min_ms) if isinstance(min_ms, (int, float)) else None,
+                                        max_ms=window.max_ms)

@@ -1,0 +1,428 @@
+"""One inference-session interface over onnxruntime, OpenVINO and LiteRT.
+
+The host packager (validation, host benchmark) and the device agent (selection, serving) both run
+models through `open_session`. The runtimes are imported inside functions, so `import
+edgesdk.runtime` stays light on a device that has only one of them installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgesdk.errors import CalibrationDataError, ConfigError, EdgeError, ModelError, RuntimeUnavailableError
+from edgesdk.manifest import TensorSpec
+
+RUNTIMES = ("onnxruntime", "openvino", "litert")
+
+# Options each runtime accepts in `open_session(options=...)` (a variant's `runtime_options`).
+RUNTIME_OPTIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("graph_optimization_level", "provider_options"),
+    "openvino": ("inference_precision_hint", "performance_hint"),
+    "litert": (),
+}
+OV_PRECISION_HINTS = ("f32", "f16", "bf16")
+_ORT_OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                   "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+Feeds = Mapping[str, np.ndarray]
+
+
+# -- what is installed here -----------------------------------------------------------------------
+def available_providers(refresh: bool = False) -> dict[str, list[str]]:
+    """Runtime name → providers really present on this machine; runtimes not installed are absent.
+
+    Probing loads every runtime, so the answer is cached; ``refresh=True`` probes again.
+    """
+    if refresh:
+        _probe_providers.cache_clear()
+    return {runtime: list(providers) for runtime, providers in _probe_providers().items()}
+
+
+@functools.cache
+def _probe_providers() -> dict[str, tuple[str, ...]]:
+    found: dict[str, tuple[str, ...]] = {}
+    try:
+        import onnxruntime as ort
+
+        found["onnxruntime"] = tuple(ort.get_available_providers())
+    except (ImportError, OSError):
+        pass
+    try:
+        devices: list[str] = []
+        for device in _ov_core().available_devices:
+            base = device.split(".")[0]  # "GPU.0", "GPU.1" → "GPU"
+            if base not in devices:
+                devices.append(base)
+        found["openvino"] = tuple(devices)
+    except (ImportError, OSError, RuntimeError):
+        pass
+    if _litert_interpreter_module() is not None:
+        found["litert"] = ("XNNPACK", "CPU")
+    return found
+
+
+def runtime_versions() -> dict[str, str]:
+    """Runtime name → version string, for the runtimes installed here (part of the agent's cache key)."""
+    versions: dict[str, str] = {}
+    try:
+        import onnxruntime as ort
+
+        versions["onnxruntime"] = ort.__version__
+    except (ImportError, OSError):
+        pass
+    try:
+        import openvino as ov
+
+        versions["openvino"] = ov.get_version()
+    except (ImportError, OSError):
+        pass
+    module = _litert_interpreter_module()
+    if module is not None:
+        package = __import__(module.__name__.split(".")[0])
+        versions["litert"] = str(getattr(package, "__version__", "unknown"))
+    return versions
+
+
+def _litert_interpreter_module() -> Any | None:
+    """ai_edge_litert.interpreter, else tflite_runtime.interpreter (needs numpy < 2), else None."""
+    try:
+        import ai_edge_litert.interpreter as module
+
+        return module
+    except (ImportError, OSError):
+        pass
+    try:
+        import tflite_runtime.interpreter as module  # type: ignore[import-not-found]
+
+        return module
+    except (ImportError, OSError):
+        return None
+
+
+@functools.cache
+def _ov_core() -> Any:
+    # One Core per process: creating it loads every device plugin, which takes a while.
+    import openvino as ov
+
+    return ov.Core()
+
+
+# -- sessions -------------------------------------------------------------------------------------
+class Session:
+    """One model loaded on one runtime/provider. ``run(feeds)`` returns outputs by name, in model order.
+
+    ``config`` holds the settings that were actually applied (threads, precision hint, ...), so a
+    benchmark table or health report can say what ran. Usable as a context manager.
+    """
+
+    runtime: str = ""
+
+    def __init__(self, path: Path, provider: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 config: dict[str, Any]) -> None:
+        self.path = path
+        self.provider = provider
+        self.inputs = inputs
+        self.outputs = outputs
+        self.config = config
+        self._closed = False
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise ModelError(f"{self.path.name}: {self.runtime} session is closed")
+        missing = [name for name in self.input_names if name not in feeds]
+        extra = sorted(set(feeds) - set(self.input_names))
+        if missing or extra:
+            what = f"lack input {missing[0]!r}" if missing else f"name unknown input {extra[0]!r}"
+            raise CalibrationDataError(f"{self.path.name}: feeds {what} "
+                                       f"(model inputs: {', '.join(self.input_names)})")
+        arrays = {name: np.asarray(feeds[name]) for name in self.input_names}
+        try:
+            return self._run(arrays)
+        except EdgeError:
+            raise
+        except Exception as exc:  # each runtime raises its own exception types
+            raise ModelError(f"{self.path.name}: {self.runtime} run failed: {_first_line(exc)}") from exc
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path.name} on {self.runtime}/{self.provider}>"
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+def open_session(path: str | Path, runtime: str, provider: str, options: Mapping[str, Any] | None = None,
+                 threads: int | None = None) -> Session:
+    """Load ``path`` on ``runtime``/``provider``; raise RuntimeUnavailableError if that cannot run here."""
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailableError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(RUNTIME_OPTIONS[runtime]))
+    if unknown:
+        known = ", ".join(RUNTIME_OPTIONS[runtime]) or "none"
+        raise ConfigError(f"{runtime} option {unknown[0]!r} is not known (known: {known})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    available = available_providers()
+    if runtime not in available:
+        raise RuntimeUnavailableError(f"{runtime} is not installed here")
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if provider not in available[runtime]:
+        raise RuntimeUnavailableError(f"{runtime} provider {provider} is not available here "
+                                      f"(available: {', '.join(available[runtime]) or 'none'})")
+    opener = {"onnxruntime": _open_ort, "openvino": _open_openvino, "litert": _open_litert}[runtime]
+    return opener(path, provider, options, threads)
+
+
+# -- onnxruntime ----------------------------------------------------------------------------------
+_ORT_TYPES = {"float": "float32", "double": "float64", "string": "object"}
+
+
+def _ort_dtype(type_str: str) -> str:
+    """'tensor(float)' → 'float32'; ZipMap's seq(map(...)) outputs become float32 (see _ort_array)."""
+    if not type_str.startswith("tensor("):
+        return "float32"
+    inner = type_str[len("tensor("):-1]
+    return _ORT_TYPES.get(inner, inner)
+
+
+def _ort_array(value: Any) -> np.ndarray:
+    # scikit-learn classifiers with ZipMap return a list of {label: probability} dicts; turn that
+    # into the N × classes array a validation can compare (dicts keep the model's label order).
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return np.array([list(row.values()) for row in value], dtype=np.float32)
+    return np.asarray(value)
+
+
+def _ort_specs(args: list[Any]) -> list[TensorSpec]:
+    specs = []
+    for a in args:
+        if a.type.startswith("tensor("):
+            shape = tuple(d if isinstance(d, (int, str)) else "?" for d in (a.shape or ()))
+        else:
+            shape = ("?", "?")  # a ZipMap sequence, returned as samples × classes
+        specs.append(TensorSpec(a.name, _ort_dtype(a.type), shape))
+    return specs
+
+
+class _OrtSession(Session):
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, provider: str, session: Any, config: dict[str, Any]) -> None:
+        super().__init__(path, provider, _ort_specs(session.get_inputs()), _ort_specs(session.get_outputs()),
+                         config)
+        self._session = session
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(None, feeds)
+        return {name: _ort_array(v) for name, v in zip(self.output_names, values)}
+
+    def _close(self) -> None:
+        self._session = None
+
+
+def _open_ort(path: Path, provider: str, options: dict[str, Any], threads: int | None) -> Session:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: we check for a provider fallback ourselves
+    config: dict[str, Any] = {}
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        config["intra_op_num_threads"] = threads
+    level = options.get("graph_optimization_level")
+    if level is not None:
+        if level not in _ORT_OPT_LEVELS:
+            raise ConfigError(f"onnxruntime option graph_optimization_level: {level!r} is not one of "
+                              f"{', '.join(_ORT_OPT_LEVELS)}")
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_OPT_LEVELS[level])
+        config["graph_optimization_level"] = level
+    provider_options = options.get("provider_options")
+    if provider_options is not None and not isinstance(provider_options, dict):
+        raise ConfigError("onnxruntime option provider_options must be a mapping")
+    # CPU is listed only when it is the request: ORT appends it anyway, and we must see a fallback.
+    providers: list[Any] = [(provider, dict(provider_options)) if provider_options else provider]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Specified provider is not in available provider names"
+            session = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
+        raise ModelError(f"{path}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+    got = session.get_providers()
+    if not got or got[0] != provider:
+        # ORT only warns when a provider fails to initialise and silently runs on CPU instead.
+        raise RuntimeUnavailableError(f"{path.name}: requested {provider} but onnxruntime gave "
+                                      f"{got[0] if got else 'no provider'}")
+    return _OrtSession(path, provider, session, config)
+
+
+# -- OpenVINO -------------------------------------------------------------------------------------
+def _ov_name(port: Any, fallback: str) -> str:
+    try:
+        return port.get_any_name()
+    except RuntimeError:  # a port without a tensor name
+        return fallback
+
+
+def _ov_specs(ports: list[Any], prefix: str) -> list[TensorSpec]:
+    specs = []
+    for i, port in enumerate(ports):
+        try:
+            dtype = np.dtype(port.get_element_type().to_dtype()).name
+        except (RuntimeError, TypeError):
+            dtype = str(port.get_element_type())
+        shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+        specs.append(TensorSpec(_ov_name(port, f"{prefix}{i}"), dtype, shape))
+    return specs
+
+
+class _OpenVinoSession(Session):
+    runtime = "openvino"
+
+    def __init__(self, path: Path, provider: str, compiled: Any, config: dict[str, Any]) -> None:
+        super().__init__(path, provider, _ov_specs(compiled.inputs, "input"),
+                         _ov_specs(compiled.outputs, "output"), config)
+        self.compiled = compiled  # the ov.CompiledModel, for inspecting what OpenVINO really applied
+        self._request = compiled.create_infer_request()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # share_outputs=False: OpenVINO copies out of its own buffers, so results outlive the next run.
+        results = self._request.infer(feeds, share_outputs=False)
+        ports = self.compiled.outputs
+        return {name: np.asarray(results[port]) for name, port in zip(self.output_names, ports)}
+
+    def _close(self) -> None:
+        self._request = None
+        self.compiled = None
+
+
+def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: int | None) -> Session:
+    if path.suffix not in (".xml", ".onnx"):
+        raise ModelError(f"{path}: openvino runs .xml IR or .onnx files, not {path.suffix or 'no suffix'}")
+    core = _ov_core()
+    hint = options.get("inference_precision_hint")
+    if hint is not None and hint not in OV_PRECISION_HINTS:
+        raise ConfigError(f"openvino option inference_precision_hint: {hint!r} is not one of "
+                          f"{', '.join(OV_PRECISION_HINTS)}")
+    if hint is None and provider == "CPU":
+        # OpenVINO CPU runs bf16 by default on AVX-512-BF16/AMX CPUs; that alone cut one
+        # classifier's top-1 agreement to 90.6 %. bf16 is a variant of its own, asked for by name.
+        hint = "f32"
+    performance = options.get("performance_hint", "LATENCY")
+    if performance not in ("LATENCY", "THROUGHPUT"):
+        raise ConfigError(f"openvino option performance_hint: {performance!r} is not LATENCY or THROUGHPUT")
+    config: dict[str, Any] = {"PERFORMANCE_HINT": performance}
+    if hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        supported = set(core.get_property(provider, "SUPPORTED_PROPERTIES"))
+    except RuntimeError:
+        supported = set(config)
+    if "INFERENCE_PRECISION_HINT" in config and "INFERENCE_PRECISION_HINT" not in supported:
+        raise RuntimeUnavailableError(f"openvino {provider} does not take INFERENCE_PRECISION_HINT {hint}")
+    config = {k: v for k, v in config.items() if k in supported}  # e.g. NPU has no thread count
+    try:
+        model = core.read_model(str(path))
+    except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+        raise ModelError(f"{path}: openvino cannot read the model: {_first_line(exc)}") from exc
+    try:
+        compiled = core.compile_model(model, provider, config)
+    except Exception as exc:
+        raise ModelError(f"{path.name}: openvino cannot compile the model for {provider}: "
+                         f"{_first_line(exc)}") from exc
+    return _OpenVinoSession(path, provider, compiled, config)
+
+
+# -- LiteRT ---------------------------------------------------------------------------------------
+class _LiteRtSession(Session):
+    runtime = "litert"
+
+    def __init__(self, path: Path, provider: str, interpreter: Any, config: dict[str, Any]) -> None:
+        self._interpreter = interpreter
+        ins, outs = interpreter.get_input_details(), interpreter.get_output_details()
+        super().__init__(path, provider, [_tfl_spec(d) for d in ins], [_tfl_spec(d) for d in outs], config)
+        self._index = {d["name"]: int(d["index"]) for d in ins}
+        self._shapes = {d["name"]: tuple(int(x) for x in d["shape"]) for d in ins}
+        self._out_index = [int(d["index"]) for d in outs]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        it = self._interpreter
+        resized = False
+        for name, array in feeds.items():
+            if array.shape != self._shapes[name]:
+                it.resize_tensor_input(self._index[name], list(array.shape))
+                self._shapes[name] = array.shape
+                resized = True
+        if resized:
+            it.allocate_tensors()
+        for name, array in feeds.items():
+            it.set_tensor(self._index[name], array)
+        it.invoke()
+        return {name: it.get_tensor(i) for name, i in zip(self.output_names, self._out_index)}  # copies
+
+    def _close(self) -> None:
+        self._interpreter = None
+
+
+def _tfl_spec(detail: dict[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    dims = signature if signature is not None and len(signature) else detail["shape"]
+    return TensorSpec(detail["name"], np.dtype(detail["dtype"]).name,
+                      tuple(int(d) if d >= 0 else "?" for d in dims))
+
+
+def _open_litert(path: Path, provider: str, options: dict[str, Any], threads: int | None) -> Session:
+    module = _litert_interpreter_module()
+    kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": threads}
+    if provider == "CPU":
+        # The default resolver applies the XNNPACK delegate; "CPU" means the builtin kernels alone.
+        kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        interpreter = module.Interpreter(**kwargs)
+        interpreter.allocate_tensors()
+    except Exception as exc:  # ValueError/RuntimeError from the C++ interpreter
+        raise ModelError(f"{path}: litert cannot load the model: {_first_line(exc)}") from exc
+    config = {"num_threads": threads} if threads is not None else {}
+    return _LiteRtSession(path, provider, interpreter, config)
+
+
+# OpenVINO wraps the useful line in C++ trace headers; these lines say nothing.
+_BOILERPLATE = re.compile(r"^(Exception from \S+|Check '.*' failed at .*|FrontEnd API failed with \w+:?)$")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of a runtime's message, at most 300 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not _BOILERPLATE.match(ln)]
+    return (useful or lines or [type(exc).__name__])[0][:300]

@@ -1,0 +1,173 @@
+"""Hardware probe and target detection, on faked Pi/Jetson/Intel files and on this machine for real."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+
+import pytest
+
+from agent.hardware import HardwareInfo, check_target, detect_target, doctor_report, probe_hardware
+from edgesdk.profiles import load_builtin
+
+PI5_CORE = """processor\t: {n}
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x4
+CPU part\t: 0xd0b
+CPU revision\t: 1
+
+"""
+PI5_TAIL = "Revision\t: d04170\nSerial\t\t: 0123456789abcdef\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+ORIN_CORE = PI5_CORE.replace("0xd0b", "0xd42").replace("0x4\n", "0x1\n")
+X86_CORE = """processor\t: {n}
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Core(TM) Ultra 7 155H
+flags\t\t: fpu sse sse2 avx avx2 fma avx_vnni avx512f avx512_vnni amx_tile amx_int8 sha_ni
+
+"""
+MEMINFO = "MemTotal:        8245612 kB\nMemFree:         7000000 kB\n"
+
+
+def fake_device(tmp_path: Path, model: bytes | None, cpuinfo: str) -> dict:
+    if model is not None:
+        (tmp_path / "model").write_bytes(model)
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    (tmp_path / "os-release").write_text('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n')
+    return dict(device_tree_model=tmp_path / "model", cpuinfo=tmp_path / "cpuinfo",
+                meminfo=tmp_path / "meminfo", os_release=tmp_path / "os-release",
+                versions_fn=lambda: {"onnxruntime": "1.20.1"})
+
+
+def test_raspberry_pi_5_is_detected_from_its_device_tree_and_cpuinfo(tmp_path: Path) -> None:
+    files = fake_device(tmp_path, b"Raspberry Pi 5 Model B Rev 1.0\x00",
+                        "".join(PI5_CORE.format(n=i) for i in range(4)) + PI5_TAIL)
+
+    hw = probe_hardware(**files, machine="aarch64",
+                        providers_fn=lambda: {"onnxruntime": ["CPUExecutionProvider"]})
+
+    assert hw.arch == "aarch64"
+    assert hw.board == "Raspberry Pi 5 Model B Rev 1.0"
+    assert hw.cpu_model == "Cortex-A76" and hw.cpu_count == 4
+    assert hw.cpu_flags == ("asimddp", "fp16", "neon")
+    assert hw.ram_mb == 8052 and hw.os == "Debian GNU/Linux 12 (bookworm)"
+    target = detect_target(hw)
+    assert target is not None and target.name == "raspberry-pi-5"
+    assert check_target(hw, target) == []
+
+
+@pytest.mark.parametrize("model, expected", [
+    (b"NVIDIA Jetson Orin Nano Developer Kit\x00", "jetson-orin-nano"),
+    (b"Jetson AGX Orin\x00", "jetson-agx-orin"),
+    (b"Raspberry Pi 4 Model B Rev 1.5\x00", "raspberry-pi-4"),
+])
+def test_board_in_the_device_tree_picks_its_profile(tmp_path: Path, model: bytes, expected: str) -> None:
+    files = fake_device(tmp_path, model, "".join(ORIN_CORE.format(n=i) for i in range(6)))
+
+    hw = probe_hardware(**files, machine="arm64", providers_fn=lambda: {
+        "onnxruntime": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]})
+
+    assert hw.arch == "aarch64"
+    assert detect_target(hw).name == expected
+
+
+def test_jetson_cpu_is_named_from_its_part_number(tmp_path: Path) -> None:
+    files = fake_device(tmp_path, b"NVIDIA Jetson Orin Nano Developer Kit\x00",
+                        "".join(ORIN_CORE.format(n=i) for i in range(6)))
+
+    hw = probe_hardware(**files, machine="aarch64", providers_fn=dict)
+
+    assert hw.cpu_model == "Cortex-A78AE" and hw.cpu_count == 6
+
+
+@pytest.mark.parametrize("providers, expected", [
+    ({"openvino": ["CPU", "GPU", "NPU"], "onnxruntime": ["CPUExecutionProvider"]}, "intel-core-ultra-npu"),
+    ({"openvino": ["CPU", "GPU.0", "GPU.1"], "onnxruntime": ["CPUExecutionProvider"]}, "x86-64-cpu"),
+    ({"onnxruntime": ["CPUExecutionProvider"]}, "x86-64-cpu"),
+])
+def test_pc_without_board_is_detected_from_its_providers(tmp_path: Path, providers: dict, expected: str) -> None:
+    files = fake_device(tmp_path, None, "".join(X86_CORE.format(n=i) for i in range(16)))
+
+    hw = probe_hardware(**files, machine="AMD64", providers_fn=lambda: providers)
+
+    assert hw.arch == "x86_64" and hw.board is None
+    assert hw.cpu_model == "Intel(R) Core(TM) Ultra 7 155H"
+    assert hw.cpu_flags == ("amx", "avx2", "avx512_vnni", "avx512f", "avx_vnni")
+    assert detect_target(hw).name == expected
+
+
+def test_unknown_board_on_unknown_architecture_has_no_target(tmp_path: Path) -> None:
+    files = fake_device(tmp_path, b"SiFive HiFive Unmatched A00\x00", "processor\t: 0\nisa\t: rv64imafdc\n")
+
+    hw = probe_hardware(**files, machine="riscv64", providers_fn=lambda: {"onnxruntime": ["CPUExecutionProvider"]})
+
+    assert detect_target(hw) is None
+    assert doctor_report(hw)["problems"] == ["no target profile matches this device"]
+
+
+def test_real_probe_finds_this_pc_and_onnxruntime_cpu() -> None:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("this check describes the x86-64 CI machine")
+
+    hw = probe_hardware()
+
+    assert hw.arch == "x86_64"
+    assert "CPUExecutionProvider" in hw.providers["onnxruntime"]
+    assert "onnxruntime" in hw.runtimes and hw.cpu_count >= 1 and hw.ram_mb > 0
+    assert detect_target(hw) is not None
+    json.dumps(doctor_report(hw))  # JSON-safe
+
+
+def test_aarch64_package_on_a_pc_reports_the_architecture_mismatch() -> None:
+    hw = HardwareInfo(arch="x86_64", cpu_model="Intel", cpu_count=8, cpu_flags=("avx2",), ram_mb=16000,
+                      board=None, os="Linux", kernel="6.8", python="3.11",
+                      runtimes={"onnxruntime": "1.20.1"}, providers={"onnxruntime": ["CPUExecutionProvider"]})
+
+    problems = check_target(hw, load_builtin("raspberry-pi-5"))
+
+    assert problems == ["package target raspberry-pi-5 is aarch64; this device is x86_64"]
+    assert check_target(hw, load_builtin("x86-64-cpu")) == []
+
+
+def test_package_whose_providers_are_all_missing_is_reported() -> None:
+    hw = HardwareInfo(arch="x86_64", cpu_model="Intel", cpu_count=8, cpu_flags=(), ram_mb=16000,
+                      board=None, os="Linux", kernel="6.8", python="3.11", runtimes={}, providers={})
+
+    problems = check_target(hw, load_builtin("x86-64-cpu"))
+
+    assert len(problems) == 1 and "this device has none" in problems[0]
+
+
+def test_fingerprint_is_stable_and_changes_with_runtime_version_or_providers(tmp_path: Path) -> None:
+    files = fake_device(tmp_path, b"Raspberry Pi 5 Model B Rev 1.0\x00", PI5_CORE.format(n=0))
+    providers = {"onnxruntime": ["CPUExecutionProvider"]}
+    hw = probe_hardware(**files, machine="aarch64", providers_fn=lambda: providers)
+    again = probe_hardware(**files, machine="aarch64", providers_fn=lambda: providers)
+
+    upgraded = dataclasses.replace(hw, runtimes={"onnxruntime": "1.21.0"})
+    with_xnnpack = dataclasses.replace(hw, providers={"onnxruntime": ["XnnpackExecutionProvider",
+                                                                      "CPUExecutionProvider"]})
+    more_ram = dataclasses.replace(hw, ram_mb=hw.ram_mb * 2)  # not part of the decision
+
+    assert hw.fingerprint() == again.fingerprint()
+    assert len(hw.fingerprint()) == 64
+    assert upgraded.fingerprint() != hw.fingerprint()
+    assert with_xnnpack.fingerprint() != hw.fingerprint()
+    assert more_ram.fingerprint() == hw.fingerprint()
+
+
+def test_probe_falls_back_to_its_own_provider_probe_without_edgesdk_runtime(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "edgesdk.runtime", None)  # import raises ImportError
+    files = fake_device(tmp_path, None, X86_CORE.format(n=0))
+
+    hw = probe_hardware(**files, machine="x86_64")
+
+    assert "CPUExecutionProvider" in hw.providers.get("onnxruntime", [])
