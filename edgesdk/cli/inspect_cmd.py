@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
 from edgesdk.cli.common import console, handle_errors, out, print_json
@@ -47,16 +48,20 @@ def inspect_json(manifest: Manifest, signer: str | None) -> dict:
 
 
 def print_variants_table(manifest: Manifest) -> None:
-    table = Table(title=f"{manifest.name} {manifest.version} for {manifest.target}")
-    for col in ("variant", "format", "precision", "size", "q-nodes", "min cosine", "top-1", "task",
-                "host p50 ms", "speed-up", "remedies"):
-        table.add_column(col, justify="right" if col not in ("variant", "format", "precision", "remedies") else "left")
+    table = Table(title=f"{manifest.name} {manifest.version} for {manifest.target}", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False)
+    table.add_column("variant", no_wrap=True)
+    table.add_column("prec", no_wrap=True, min_width=4)
+    for col in ("MB", "q-nodes", "cosine", "top-1", "task", "p50 ms", "×fp32"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in _variant_rows(manifest):
-        table.add_row(r["id"], r["format"], r["precision"], f"{r['size'] / 1e6:.2f} MB", str(r["quantized_nodes"]),
+        table.add_row(r["id"], r["precision"], f"{r['size'] / 1e6:.2f}", str(r["quantized_nodes"]),
                       _fmt(r["min_cosine"]), _fmt(r["min_top1"], 3), _fmt(r["task_metric"], 3),
-                      _fmt(r["p50_ms"], 3), "—" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}×",
-                      ", ".join(x for x in r["remedies"] if x) or "")
+                      _fmt(r["p50_ms"], 3), "—" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}×")
     out.print(table)
+    for r in _variant_rows(manifest):
+        if any(r["remedies"]):
+            out.print(f"[cyan]repaired[/] {r['id']}: {', '.join(x for x in r['remedies'] if x)}")
     for d in manifest.dropped:
         out.print(f"[yellow]dropped[/] {d.get('id')}: {d.get('reason')}")
     for s in manifest.skipped:
@@ -83,9 +88,9 @@ def _inspect(package: Path, public_keys: list[Path], as_json: bool) -> None:
         return
     print_variants_table(opened.manifest)
     if not keys:
-        console.print("[dim]signature present, not checked (pass --public-key to check it)[/]")
+        out.print("[dim]signature present, not checked (pass --public-key to check it)[/]")
     else:
-        console.print(f"signature ok (key {opened.signer})")
+        out.print(f"signature ok (key {opened.signer})")
 
 
 def _verify_unsigned_ok(package: Path) -> OpenedPackage:

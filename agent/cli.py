@@ -1,0 +1,133 @@
+"""The `edge-agent` command: run the daemon, report what this device has, show what it runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgesdk.errors import ConfigError, EdgeError
+
+app = typer.Typer(name="edge-agent", help="The edgesdk device agent: installs signed model packages from the "
+                  "fleet, picks the fastest healthy variant × provider here, serves it on a local API and "
+                  "reports latency.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail(exc: EdgeError) -> None:
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def run(config: Path = typer.Option(..., "--config", "-c", help="Agent config YAML (see agent.sample.yaml)."),
+        log_level: str = typer.Option(None, "--log-level", help="Override the config's log_level.")) -> None:
+    """Run the daemon until SIGTERM or SIGINT (then it marks the device offline and exits 0)."""
+    from agent.config import load_config
+    from agent.daemon import run_agent
+
+    try:
+        cfg = load_config(config)
+        logging.basicConfig(level=(log_level or cfg.log_level).upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        run_agent(cfg, stop)
+    except EdgeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           config: Path = typer.Option(None, "--config", "-c", help="Also check this agent config.")) -> None:
+    """What this device has: arch, CPU features, RAM, board, runtimes and providers, matching target."""
+    from agent.hardware import doctor_report, probe_hardware
+
+    try:
+        if config is not None:
+            from agent.config import load_config
+
+            load_config(config)
+        report = doctor_report(probe_hardware())
+    except EdgeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return
+    hw = report.get("hardware", report)
+    table = Table(title="edge-agent doctor", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("found")
+    for key in ("arch", "cpu_model", "cpu_count", "cpu_flags", "ram_mb", "board", "os", "kernel", "python"):
+        if key in hw:
+            value = hw[key]
+            table.add_row(key, ", ".join(value) if isinstance(value, (list, tuple)) else str(value))
+    for runtime, version in (hw.get("runtimes") or {}).items():
+        providers = (hw.get("providers") or {}).get(runtime, [])
+        table.add_row(runtime, f"{version} — {', '.join(providers) or 'no providers'}")
+    table.add_row("target", str(report.get("target")))
+    for problem in report.get("problems", []):
+        table.add_row("problem", f"[yellow]{problem}[/]")
+    out.print(table)
+
+
+@app.command()
+def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config YAML (for data_dir)."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """The active package, variant and provider, and the last selection's benchmark table."""
+    from agent.config import load_config
+
+    try:
+        cfg = load_config(config)
+        path = cfg.data_dir / "status.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no status yet (has the agent run with this data_dir?)") from None
+        except ValueError:
+            raise ConfigError(f"{path}: status file is not valid JSON") from None
+    except EdgeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    active = data.get("active")
+    if active:
+        out.print(f"active: [bold]{active['name']} {active['version']}[/] ({active['package_id'][:12]}) — "
+                  f"variant {active['variant']} on {active['runtime']}:{active['provider']}")
+    else:
+        out.print("active: none")
+    if data.get("last_error"):
+        out.print(f"[yellow]last error:[/] {data['last_error']}")
+    selection = data.get("last_selection") or {}
+    if selection.get("table"):
+        table = Table(title="last selection (variant × provider)")
+        for col in ("variant", "provider", "precision", "status", "p50 ms", "p95 ms", "runs", "health", "detail"):
+            table.add_column(col)
+        for row in selection["table"]:
+            table.add_row(row["variant"], f"{row['runtime']}:{row['provider']}", row.get("precision") or "",
+                          row["status"], _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
+                          {True: "pass", False: "FAIL", None: "—"}[row.get("health")], row.get("detail") or "")
+        out.print(table)
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

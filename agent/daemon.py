@@ -1,0 +1,235 @@
+"""The `edge-agent run` daemon: MQTT wiring, the install worker, telemetry windows, the local API.
+
+Threads: paho's network loop (connects, reconnects with backoff — also when the broker is down
+at start), one install worker fed by retained `desired` messages (the newest wins), one
+telemetry loop (roll a window → spool it on disk → flush the spool in order while connected),
+and the HTTP API. The broker connection, the hardware probe, the providers, the session factory
+and the clock are constructor parameters so tests can inject faults; integration tests run it
+against a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgesdk import __version__
+from edgesdk.broker import BrokerConfig, TlsConfig, Will, make_client, parse_broker_url
+from edgesdk.errors import ProtocolError
+from edgesdk.protocol import (DesiredDeployment, DeviceState, InstallEvent, InstallEventKind, device_desired,
+                              device_events, device_state, device_telemetry)
+
+from agent.api import ApiServer, parse_address
+from agent.config import AgentConfig
+from agent.hardware import HardwareInfo, probe_hardware
+from agent.installer import Installer
+from agent.model_host import ModelHost
+from agent.spool import SpoolLimits, TelemetrySpool
+from agent.store import VersionStore
+from agent.telemetry import LatencyRecorder
+from agent.transfer import PackageFetcher
+
+log = logging.getLogger("edge-agent")
+PUBLISH_TIMEOUT_S = 10.0  # every wait for a PUBACK is bounded (a dead broker must not hang us)
+
+
+def broker_config_of(config: AgentConfig) -> BrokerConfig:
+    tls = None
+    if config.tls is not None:
+        tls = TlsConfig(ca_file=config.tls.ca, cert_file=config.tls.cert, key_file=config.tls.key)
+    elif config.broker.startswith("mqtts://"):
+        tls = TlsConfig()
+    return parse_broker_url(config.broker, tls=tls, username=config.username, password=config.password)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, broker: BrokerConfig | None = None,
+                 hardware: HardwareInfo | None = None, available: dict[str, list[str]] | None = None,
+                 session_factory: Callable[..., Any] | None = None, clock: Callable[[], float] = time.time,
+                 api_port: int | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.broker = broker or broker_config_of(config)
+        self.hardware = hardware or probe_hardware()
+        if available is None:
+            from edgesdk.runtime import available_providers
+            available = available_providers()
+        self.available = available
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.spool = TelemetrySpool(data / "telemetry" / "spool", SpoolLimits(max_windows=config.spool_max_windows))
+        newest = self.spool.newest_seq()
+        self.recorder = LatencyRecorder(data / "telemetry" / "state.json", clock=clock,
+                                        min_seq=0 if newest is None else newest + 1)
+        self.host = ModelHost(self.recorder)
+        self.store = VersionStore(data, clock=clock)
+        self.installer = Installer(self.store, self.host, list(config.public_keys), self.hardware, self.available,
+                                   self._emit, profile=config.target_profile, budget_s=config.selection_budget_s,
+                                   session_factory=session_factory, clock=clock)
+        host, port = parse_address(config.api)
+        self.api = ApiServer(host, port if api_port is None else api_port, self.host, self.status)
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self._desired: queue.Queue[DesiredDeployment | None] = queue.Queue()
+        self._flush_now = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
+                                  will=Will(device_state(config.fleet, config.device_id),
+                                            self._state(online=False).to_json()))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.message_callback_add(device_desired(config.fleet, config.device_id), self._on_desired)
+        self.fetcher = PackageFetcher(self.client, config.fleet, config.device_id, data,
+                                      stall_timeout_s=config.stall_timeout_s)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Restore the active model, serve the API, and start connecting (non-blocking)."""
+        notes = self.installer.restore()
+        active = self.store.active()
+        for note in notes:
+            log.warning("%s", note)
+            self._emit(InstallEventKind.ROLLED_BACK if "rolled back" in note else InstallEventKind.FAILED,
+                       (active or {}).get("package_id", ""), reason=note)
+        self.api.start()
+        log.info("local API on %s", self.api.url)
+        self.client.loop_start()  # paho's thread connects and reconnects (broker down at start included)
+        for target, name in ((self._install_loop, "install"), (self._telemetry_loop, "telemetry")):
+            thread = threading.Thread(target=target, name=f"edge-agent-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop cleanly: mark the device offline, stop the threads, the API and the MQTT loop."""
+        self.stopping.set()
+        self.fetcher.cancel()
+        self._desired.put(None)
+        self._flush_now.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self.connected.is_set():
+            info = self.client.publish(device_state(self.config.fleet, self.config.device_id),
+                                       self._state(online=False).to_json(), qos=1, retain=True)
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+            self.client.disconnect()
+        self.client.loop_stop()
+        self.api.stop()
+        model = self.host.swap(None)
+        if model is not None:
+            model.session.close()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    # -- MQTT callbacks ----------------------------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker %s refused the connection: %s", self.broker.url, reason)
+            return
+        cfg = self.config
+        client.subscribe(device_desired(cfg.fleet, cfg.device_id), qos=1)
+        client.publish(device_state(cfg.fleet, cfg.device_id), self._state(online=True).to_json(), qos=1, retain=True)
+        self.fetcher.on_connected()
+        self.connected.set()
+        self._flush_now.set()
+        log.info("connected to %s", self.broker.url)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        if not self.stopping.is_set():
+            log.warning("disconnected from %s (%s); reconnecting", self.broker.url, reason)
+
+    def _on_desired(self, client: Any, userdata: Any, message: Any) -> None:
+        if not message.payload:
+            return  # a cleared retained message: nothing desired
+        try:
+            desired = DesiredDeployment.from_json(message.payload, topic=message.topic)
+        except ProtocolError as exc:
+            self._emit(InstallEventKind.FAILED, "", reason=f"ignored desired message: {exc}")
+            return
+        self._desired.put(desired)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _install_loop(self) -> None:
+        while not self.stopping.is_set():
+            desired = self._desired.get()
+            while not self._desired.empty():  # only the newest desired state matters
+                desired = self._desired.get_nowait() or desired
+            if desired is None or self.stopping.is_set():
+                return
+            self.installer.install(desired, self._fetch)
+            self._publish_state()
+
+    def _fetch(self, desired: DesiredDeployment, progress: Callable[[float], None]) -> Any:
+        return self.fetcher.fetch(desired, lambda p: progress(p.bytes_done / max(p.size, 1)))
+
+    def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry_interval_s
+        next_roll = time.monotonic() + interval
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_roll - time.monotonic())
+            self._flush_now.wait(timeout)
+            self._flush_now.clear()
+            if time.monotonic() >= next_roll or self.stopping.is_set():
+                next_roll += interval
+                model = self.host.active
+                window = self.recorder.roll(context=model.context if model else None,
+                                            dropped_windows=self.spool.dropped_count)
+                if window is not None:
+                    self.spool.append(window.seq, window.to_json())
+            if self.connected.is_set():
+                self.spool.flush(self._publish_telemetry, timeout_s=PUBLISH_TIMEOUT_S)
+
+    def _publish_telemetry(self, payload: bytes) -> bool:
+        if not self.connected.is_set():
+            return False
+        info = self.client.publish(device_telemetry(self.config.fleet, self.config.device_id), payload, qos=1)
+        try:
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        except (RuntimeError, ValueError):  # paho raises when the message could not be queued
+            return False
+        return info.is_published()
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _emit(self, kind: InstallEventKind, package_id: str, **fields: Any) -> None:
+        event = InstallEvent(kind=kind, package_id=package_id, at=self.clock(), **fields)
+        log.info("install %s %s %s", kind.value, package_id[:12], fields.get("reason") or "")
+        # QoS 1: paho keeps it queued while disconnected and sends it after the reconnect.
+        self.client.publish(device_events(self.config.fleet, self.config.device_id), event.to_json(), qos=1)
+
+    def _state(self, online: bool) -> DeviceState:
+        model = self.host.active
+        hw = self.hardware
+        return DeviceState(
+            device_id=self.config.device_id, online=online, agent_version=__version__,
+            target=self.config.target_profile.name if self.config.target_profile else None,
+            hardware={"arch": hw.arch, "cpu": hw.cpu_model, "cores": hw.cpu_count, "ram_mb": hw.ram_mb,
+                      "board": hw.board},
+            runtimes={rt: {"version": hw.runtimes.get(rt), "providers": provs} for rt, provs in self.available.items()},
+            active_package=model.package_id if model else None, active_variant=model.variant if model else None,
+            provider=model.provider if model else None, updated_at=self.clock())
+
+    def _publish_state(self) -> None:
+        if self.connected.is_set():
+            self.client.publish(device_state(self.config.fleet, self.config.device_id),
+                                self._state(online=True).to_json(), qos=1, retain=True)
+
+    def status(self) -> dict[str, Any]:
+        return self.installer.status() | {
+            "device_id": self.config.device_id, "fleet": self.config.fleet, "broker": self.broker.url,
+            "connected": self.connected.is_set(), "telemetry": {
+                "next_seq": self.recorder.next_seq, "spooled": len(self.spool.pending()),
+                "dropped_windows": self.spool.dropped_count}}
+
+
+def run_agent(config: AgentConfig, stop: threading.Event) -> None:
+    """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    Agent(config).run_forever(stop)

@@ -1,0 +1,211 @@
+"""The install sequence (DESIGN §6): fetch → verify → extract → check target → select → activate.
+
+Any failure leaves the previous version active and serving, and is reported as one `failed`
+event with a one-line reason. The fetch is a parameter (the daemon passes its MQTT transfer;
+tests can pass a local copy), and so are the hardware facts, the providers and the session
+factory, so every step can be driven with faults injected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgesdk.atomicfile import write_text_atomic
+from edgesdk.errors import ConfigError, EdgeError, InstallError
+from edgesdk.manifest import MANIFEST_NAME, Manifest
+from edgesdk.package import extract_package
+from edgesdk.profiles import TargetProfile, load_builtin
+from edgesdk.protocol import DesiredDeployment, InstallEventKind
+
+from agent.hardware import HardwareInfo, check_target
+from agent.model_host import ActiveModel, ModelHost
+from agent.selection import Selection, cache_key, load_reference, select
+from agent.store import VersionStore
+
+EmitFn = Callable[..., None]  # emit(kind: InstallEventKind, package_id: str, **fields)
+FetchFn = Callable[[DesiredDeployment, Callable[[float], None]], Path]
+DRAIN_TIMEOUT_S = 10.0
+
+
+class Installer:
+    """Owns the version store and the model host's active model."""
+
+    def __init__(self, store: VersionStore, host: ModelHost, trusted_keys: list, hardware: HardwareInfo,
+                 available: dict[str, list[str]], emit: EmitFn, *, profile: TargetProfile | None = None,
+                 budget_s: float = 30.0, session_factory: Callable[..., Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.host, self.trusted_keys = store, host, list(trusted_keys)
+        self.hardware, self.available, self.emit = hardware, available, emit
+        self.profile, self.budget_s, self.session_factory, self.clock = profile, budget_s, session_factory, clock
+        self.status_path = store.data_dir / "status.json"
+        self.last_selection: dict[str, Any] | None = None
+        self.last_error: str | None = None
+
+    # -- start-up ------------------------------------------------------------------------------
+    def restore(self) -> list[str]:
+        """At start: repair the store after a crash, then load and health-check the active version."""
+        notes = self.store.recover()
+        for _ in range(2):  # the active version, then (if it no longer passes) the previous one
+            active = self.store.active()
+            if not active:
+                break
+            package_id = active["package_id"]
+            try:
+                manifest = self._manifest(package_id)
+                selection = self._select(package_id, manifest, cached=active)
+                self._serve(package_id, manifest, selection)
+                self._write_status()
+                return notes
+            except EdgeError as exc:
+                note = f"active version {package_id[:12]} no longer starts: {exc}"
+                notes.append(note)
+                self.last_error = note
+                try:
+                    self.store.rollback()
+                    notes.append(f"rolled back to {self.store.active()['package_id'][:12]}")
+                except InstallError:
+                    break
+        self._write_status()
+        return notes
+
+    # -- the install sequence ------------------------------------------------------------------
+    def install(self, desired: DesiredDeployment, fetch: FetchFn) -> bool:
+        """Install ``desired``; True when it is active. Failures are reported, never raised."""
+        pid, rollout = desired.package_id, desired.rollout_id
+        active = self.store.active()
+        if active and active["package_id"] == pid and self.host.active is not None:
+            return True
+        emit = lambda kind, **kw: self.emit(kind, pid, rollout_id=rollout, **kw)  # noqa: E731
+        try:
+            if not self.store.has_version(pid):
+                emit(InstallEventKind.DOWNLOADING, progress=0.0)
+                last = [0.0]
+
+                def progress(fraction: float) -> None:
+                    if fraction - last[0] >= 0.1 or fraction >= 1.0:  # an event per 10 %
+                        last[0] = fraction
+                        emit(InstallEventKind.DOWNLOADING, progress=round(min(fraction, 1.0), 3))
+
+                package_path = fetch(desired, progress)
+                emit(InstallEventKind.DOWNLOADED)
+                opened = self.store.stage(pid, lambda staging: extract_package(package_path, staging,
+                                                                               self.trusted_keys))
+                emit(InstallEventKind.VERIFIED, extra={"signed_by": opened.signer})
+                emit(InstallEventKind.EXTRACTED)
+                with contextlib.suppress(OSError):
+                    package_path.unlink()
+            manifest = self._manifest(pid)
+            self._check_target(manifest)
+            selection = self._select(pid, manifest, cached=None)
+            emit(InstallEventKind.SELECTED, table=[r.to_dict() for r in selection.table],
+                 extra={"variant": selection.chosen.variant, "provider": selection.chosen.provider,
+                        "from_cache": selection.from_cache})
+            emit(InstallEventKind.HEALTH_CHECKED)
+            self._activate(pid, manifest, selection, emit)
+            return True
+        except EdgeError as exc:
+            self.last_error = f"{pid[:12]}: {exc}"
+            emit(InstallEventKind.FAILED, reason=str(exc))
+            self._write_status()
+            return False
+
+    def _activate(self, pid: str, manifest: Manifest, selection: Selection, emit: Callable[..., None]) -> None:
+        old = self._serve(pid, manifest, selection)
+        record = self._selection_record(selection)
+        try:
+            self.store.activate(pid, record)
+            self._smoke_test(pid, manifest)
+        except EdgeError as exc:
+            # Back to what served before: the old model object is still loaded.
+            new = self.host.swap(old)
+            if new is not None:
+                new.session.close()
+            with contextlib.suppress(InstallError):
+                if (self.store.active() or {}).get("package_id") == pid:
+                    self.store.rollback()
+            emit(InstallEventKind.ROLLED_BACK, reason=f"new version failed after the switch: {exc}")
+            raise InstallError(f"activation failed and was rolled back: {exc}") from None
+        if old is not None and old.session is not selection.session:
+            self.host.drain(old, DRAIN_TIMEOUT_S)
+            old.session.close()
+        self.last_error = None
+        emit(InstallEventKind.ACTIVATED, extra={"variant": selection.chosen.variant,
+                                                "provider": selection.chosen.provider})
+        self._write_status()
+        with contextlib.suppress(EdgeError, OSError):
+            self.store.gc(keep=2)
+
+    def _smoke_test(self, pid: str, manifest: Manifest) -> None:
+        """One inference through the model host on a reference input, after the switch."""
+        ref_in, _ = load_reference(self.store.install_dir(pid), manifest)
+        self.host.infer(ref_in[0])
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _manifest(self, pid: str) -> Manifest:
+        path = self.store.install_dir(pid) / MANIFEST_NAME
+        try:
+            return Manifest.from_bytes(path.read_bytes())
+        except OSError as exc:
+            raise InstallError(f"version {pid[:12]}: cannot read {MANIFEST_NAME}: {exc.strerror}") from None
+
+    def _check_target(self, manifest: Manifest) -> None:
+        if self.profile is not None and manifest.target != self.profile.name:
+            raise InstallError(f"package is for target {manifest.target}; this device is configured as "
+                               f"{self.profile.name}")
+        try:
+            profile = self.profile if self.profile is not None else load_builtin(manifest.target)
+        except ConfigError:
+            return  # a user's own profile name: the architecture check needs the profile file
+        problems = check_target(self.hardware, profile)
+        if problems:
+            raise InstallError(f"package target {manifest.target} does not fit this device: {problems[0]}")
+
+    def _select(self, pid: str, manifest: Manifest, cached: dict | None) -> Selection:
+        key = cache_key(pid, self.hardware.fingerprint(), dict(self.hardware.runtimes))
+        cached = cached or self._cached_selection(pid)
+        selection = select(manifest, self.store.install_dir(pid), self.available, key, budget_s=self.budget_s,
+                           session_factory=self.session_factory, cached=cached)
+        self.last_selection = self._selection_record(selection) | {"package_id": pid}
+        return selection
+
+    def _cached_selection(self, pid: str) -> dict | None:
+        for record in (self.store.active(), self.store.previous()):
+            if record and record.get("package_id") == pid:
+                return record
+        return None
+
+    @staticmethod
+    def _selection_record(selection: Selection) -> dict[str, Any]:
+        return {"variant": selection.chosen.variant, "runtime": selection.chosen.runtime,
+                "provider": selection.chosen.provider, "cache_key": selection.cache_key,
+                "table": [r.to_dict() for r in selection.table]}
+
+    def _serve(self, pid: str, manifest: Manifest, selection: Selection) -> ActiveModel | None:
+        model = ActiveModel(session=selection.session, package_id=pid, name=manifest.name,
+                            version=manifest.version, variant=selection.chosen.variant,
+                            provider=selection.chosen.provider, runtime=selection.chosen.runtime,
+                            inputs=tuple(manifest.inputs), outputs=tuple(manifest.outputs),
+                            extra={"selection": [r.to_dict() for r in selection.table]})
+        return self.host.swap(model)
+
+    def status(self) -> dict[str, Any]:
+        model = self.host.active
+        return {
+            "active": None if model is None else {
+                "package_id": model.package_id, "name": model.name, "version": model.version,
+                "variant": model.variant, "runtime": model.runtime, "provider": model.provider},
+            "previous": self.store.previous(),
+            "last_selection": self.last_selection,
+            "last_error": self.last_error,
+            "updated_at": self.clock(),
+        }
+
+    def _write_status(self) -> None:
+        """`edge-agent status` reads this file, so it works whether or not the daemon runs."""
+        with contextlib.suppress(OSError):
+            write_text_atomic(self.status_path, json.dumps(self.status(), indent=1, default=str))

@@ -1,0 +1,485 @@
+"""ONNX variant builders: fp32, fp16, static INT8 (QDQ) and dynamic INT8, each a small pass.
+
+Every builder has a frozen ``Config`` (each parameter declared with type, default and help, like
+Olive's passes) and one ``build(model, out_dir, samples) -> BuiltVariant``. A builder works on a
+copy of the (already simplified) model, writes into a hidden work folder inside ``out_dir`` and
+moves the finished file out only on success, and never writes into the current directory. When a
+kind does not apply to a model it raises ``VariantNotApplicable`` with the reason.
+
+The quantization traps of docs MODELS.md are handled here: Constant-node weights are folded
+first, opset < 13 is upgraded for per-channel QDQ, ``quant_pre_process`` is retried without
+symbolic shape inference (and skipped when it still fails), classic-ML graphs are refused, and a
+quantization that changed nothing (weights inside ``If`` subgraphs) is refused, not shipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import onnx.inliner  # not imported by `import onnx`
+
+from edgesdk.atomicfile import fsync_dir
+from edgesdk.errors import CalibrationDataError, ConfigError, PackagingError
+from edgesdk.pipeline.graph_stats import (
+    QUANTIZABLE_OP_TYPES, BuiltVariant, VariantNotApplicable, count_quantized_nodes, default_opset,
+    ensure_node_names, first_line, float_weight_count, fold_constant_nodes, gemm_to_matmul,
+    if_subgraph_weight_count, iter_graphs, iter_nodes, matmul_fraction, ml_op_types,
+    quantizable_node_names, upgrade_opset,
+)
+from edgesdk.profiles import CALIBRATION_METHODS, VARIANT_KINDS, VARIANT_OPTIONS
+
+__all__ = [
+    "BuiltVariant", "VariantNotApplicable", "OnnxFp32Builder", "OnnxFp16Builder",
+    "OnnxInt8StaticBuilder", "OnnxInt8DynamicBuilder", "Fp32Config", "Fp16Config",
+    "Int8StaticConfig", "Int8DynamicConfig", "ONNX_BUILDERS", "ensure_node_names",
+    "quantizable_node_names", "fold_constant_nodes",
+]
+
+Samples = list[dict[str, np.ndarray]]
+_PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less headroom: larger models use external data
+
+
+def param(default: Any, help: str) -> Any:  # noqa: A002 - mirrors Olive's PassConfigParam wording
+    """A config field with its default and a one-line description (read by docs and the CLI)."""
+    return field(default=default, metadata={"help": help})
+
+
+def config_from_options(config_cls: type, kind: str, options: dict[str, Any]) -> Any:
+    """Build a builder config from a profile's ``variants[].options``.
+
+    Options the profile schema allows but this config does not declare are consumed by other
+    passes (``max_float_nodes`` drives the INT8 repair step) and are ignored here.
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(options) - set(VARIANT_OPTIONS.get(kind, {})) - names
+    if unknown:
+        raise ConfigError(f"{kind}: unknown option(s) {', '.join(sorted(unknown))}")
+    return config_cls(**{k: v for k, v in options.items() if k in names})
+
+
+def real_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def check_samples(model: onnx.ModelProto, samples: Samples, kind: str) -> None:
+    """Samples must be a non-empty list of feed dicts naming exactly the model's inputs, each
+    array with the input's dtype and rank (a wrong one fails deep in calibration otherwise)."""
+    if not samples:
+        raise CalibrationDataError(f"{kind}: no calibration samples given")
+    names = real_inputs(model)
+    specs = {i.name: i.type.tensor_type for i in model.graph.input if i.name in names}
+    for i, feeds in enumerate(samples):
+        if not isinstance(feeds, dict) or set(feeds) != set(names):
+            got = sorted(feeds) if isinstance(feeds, dict) else type(feeds).__name__
+            raise CalibrationDataError(f"{kind}: sample {i} has inputs {got}, the model expects {sorted(names)}")
+        for name, array in feeds.items():
+            spec = specs[name]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type) if spec.elem_type else None
+            if dtype is not None and np.asarray(array).dtype != dtype:
+                raise CalibrationDataError(f"{kind}: sample {i} input {name!r} is "
+                                           f"{np.asarray(array).dtype}, the model expects {dtype}")
+            if spec.HasField("shape") and np.ndim(array) != len(spec.shape.dim):
+                raise CalibrationDataError(f"{kind}: sample {i} input {name!r} has rank {np.ndim(array)}, "
+                                           f"the model expects {len(spec.shape.dim)}")
+
+
+def refuse_ml_graph(model: onnx.ModelProto, kind: str) -> None:
+    ops = ml_op_types(model)
+    if ops:
+        raise VariantNotApplicable(
+            f"{kind}: classic-ML graph (ai.onnx.ml ops: {', '.join(ops)}) has no INT8 kernels")
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def work_dir(out_dir: Path, kind: str) -> Iterator[Path]:
+    """A hidden scratch folder inside ``out_dir`` (same filesystem, so publishing is a rename),
+    removed on exit whatever happens."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{kind}-work-") as tmp:
+        yield Path(tmp)
+
+
+def publish(staged: list[Path], out_dir: Path) -> list[Path]:
+    """Move finished files from the work folder into ``out_dir`` (rename each, then fsync)."""
+    final = []
+    for path in staged:
+        target = out_dir / path.name
+        os.replace(path, target)
+        final.append(target)
+    fsync_dir(out_dir)
+    return final
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save a model; over protobuf's 2 GiB limit its tensors go to ``{name}.data`` beside it."""
+    if model.ByteSize() > _PROTO_LIMIT:
+        onnx.save_model(model, path, save_as_external_data=True, location=f"{path.name}.data")
+        return [path, path.with_name(f"{path.name}.data")]
+    onnx.save_model(model, path)
+    return [path]
+
+
+def _staged_files(main: Path) -> list[Path]:
+    extra = sorted(p for p in main.parent.iterdir() if p.name.startswith(main.name) and p != main)
+    return [main, *extra]
+
+
+def check_loads_in_ort(path: Path, kind: str) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the exception below carries what matters
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
+        raise PackagingError(f"{kind}: built model does not load in onnxruntime: {first_line(exc)}") \
+            from None
+
+
+# --------------------------------------------------------------------------- builders
+
+
+class _OnnxBuilder:
+    kind: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> _OnnxBuilder:
+        return cls(config_from_options(cls.Config, cls.kind, options))
+
+    def _result(self, files: list[Path], notes: list[str], quantized: int = 0) -> BuiltVariant:
+        info = VARIANT_KINDS[self.kind]
+        return BuiltVariant(kind=self.kind, files=files, precision=info.precision,
+                            runtime=info.runtime, quantized_nodes=quantized, notes=notes)
+
+
+@dataclass(frozen=True)
+class Fp32Config:
+    """onnx-fp32 has nothing to set: the simplified model is the reference."""
+
+
+class OnnxFp32Builder(_OnnxBuilder):
+    """Save the (already simplified) model as it is: the reference every variant is checked against."""
+
+    kind = "onnx-fp32"
+    Config = Fp32Config
+
+    def build(self, model: onnx.ModelProto, out_dir: Path, samples: Samples | None = None) -> BuiltVariant:
+        out_dir = Path(out_dir)
+        with work_dir(out_dir, self.kind) as tmp:
+            files = publish(save_onnx(model, tmp / f"{self.kind}.onnx"), out_dir)
+        return self._result(files, [], count_quantized_nodes(model))
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    keep_io_types: bool = param(True, "keep float32 inputs/outputs (apps and reference inputs "
+                                      "stay float32); casts are inserted at the edges")
+    op_block_list: tuple[str, ...] | None = param(
+        None, "op types left in float32; None uses onnxruntime's DEFAULT_OP_BLOCK_LIST")
+
+
+class OnnxFp16Builder(_OnnxBuilder):
+    """float16 weights and compute with onnxruntime.transformers.float16 (onnxconverter_common's
+    converter writes graphs ORT refuses when they hold a Cast to float, MODELS.md)."""
+
+    kind = "onnx-fp16"
+    Config = Fp16Config
+
+    def build(self, model: onnx.ModelProto, out_dir: Path, samples: Samples | None = None) -> BuiltVariant:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        if float_weight_count(model, float32_only=True) == 0:
+            raise VariantNotApplicable(f"{self.kind}: no float32 weights, fp16 changes nothing")
+        cfg = self.config
+        block = list(cfg.op_block_list) if cfg.op_block_list is not None else None
+        try:
+            converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=cfg.keep_io_types,
+                                                 op_block_list=block)
+        except Exception as exc:  # the converter asserts and raises ValueError on odd graphs
+            raise PackagingError(f"{self.kind}: float16 conversion failed: {first_line(exc)}") from None
+        out_dir = Path(out_dir)
+        with work_dir(out_dir, self.kind) as tmp:
+            staged = save_onnx(converted, tmp / f"{self.kind}.onnx")
+            check_loads_in_ort(staged[0], self.kind)
+            files = publish(staged, out_dir)
+        return self._result(files, [])
+
+
+@dataclass(frozen=True)
+class Int8StaticConfig:
+    per_channel: bool = param(True, "one weight scale per output channel (needs opset >= 13; "
+                                    "older models are upgraded)")
+    activation_symmetric: bool = param(
+        False, "symmetric activation ranges; activations then use int8 with zero-point 0 "
+               "(ARM and GPU kernels prefer it), else uint8 with a zero-point (x86 CPU)")
+    weight_symmetric: bool = param(True, "symmetric weight ranges (zero-point 0)")
+    calibration_method: str = param("minmax", f"activation range estimator: {', '.join(CALIBRATION_METHODS)}")
+    reduce_range: bool = param(False, "7-bit weights: avoids saturation on x86 CPUs without VNNI")
+    nodes_to_exclude: tuple[str, ...] = param((), "node names left in float (the repair step "
+                                                   "names the most error-sensitive ones)")
+    op_types: tuple[str, ...] | None = param(None, "op types to quantize; None: all ORT supports")
+    pre_process: bool = param(True, "run onnxruntime's quant_pre_process (shape inference) first; "
+                                    "failures fall back, with a note")
+    pre_process_optimize: bool = param(
+        False, "let quant_pre_process run ORT's graph optimizer too. Off: it fuses and renames nodes "
+               "(MatMul+Add → Gemm), so names from quantizable_node_names() and nodes_to_exclude "
+               "would no longer match, and the simplify pass has already folded and fused")
+
+    def __post_init__(self) -> None:
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"onnx-int8: calibration_method {self.calibration_method!r} is not one "
+                              f"of {', '.join(CALIBRATION_METHODS)}")
+        if isinstance(self.nodes_to_exclude, str):
+            raise ConfigError("onnx-int8: nodes_to_exclude must be a sequence of node names, not a string")
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", tuple(self.op_types))
+
+
+class _SampleReader:
+    """ORT CalibrationDataReader over an in-memory list of feed dicts."""
+
+    def __init__(self, samples: Samples) -> None:
+        self._samples = samples
+        self._i = 0
+        self._end = len(samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= self._end:
+            return None
+        self._i += 1
+        return self._samples[self._i - 1]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._i, self._end = start_index, min(end_index, len(self._samples))
+
+    def rewind(self) -> None:
+        self._i, self._end = 0, len(self._samples)
+
+
+def prepare_for_quantization(model: onnx.ModelProto, kind: str, notes: list[str]) -> onnx.ModelProto:
+    """Refuse what cannot be quantized; name nodes and fold Constant-node weights (noted)."""
+    refuse_ml_graph(model, kind)
+    already = count_quantized_nodes(model)
+    if already:
+        raise VariantNotApplicable(f"{kind}: the model is already quantized ({already} int8 nodes)")
+    if model.functions:
+        # Quantizers do not enter model-local functions (torch dynamo exports put layers there).
+        count = len(model.functions)
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+            notes.append(f"{count} model-local function(s) inlined")
+        except Exception as exc:  # inliner rejects some opset mixes; quantize what is visible
+            notes.append(f"{count} model-local function(s) could not be inlined ({first_line(exc)})")
+    model, folded = fold_constant_nodes(ensure_node_names(model))
+    if folded:
+        notes.append(f"{folded} Constant node(s) folded into initializers")
+    return model
+
+
+def run_quant_pre_process(src: Path, dst: Path, notes: list[str], optimize: bool = False) -> Path:
+    """``quant_pre_process`` src → dst, retried with skip_symbolic_shape=True; on a second failure
+    returns ``src`` unchanged (noted). The cwd is the scratch folder meanwhile: some onnxruntime
+    versions leave temp files in the current directory. chdir is process-wide, so builders must
+    not run in threads of one process (the pipeline runs them one after another)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    previous = os.getcwd()
+    try:
+        os.chdir(dst.parent)
+        try:
+            quant_pre_process(str(src), str(dst), skip_optimization=not optimize)
+            return dst
+        except Exception as exc:  # symbolic shape inference raises anything from sympy to KeyError
+            first = first_line(exc)
+        try:
+            quant_pre_process(str(src), str(dst), skip_optimization=not optimize, skip_symbolic_shape=True)
+            notes.append(f"quant_pre_process symbolic shape inference failed ({first}); "
+                         "retried with skip_symbolic_shape=True")
+            return dst
+        except Exception as exc:
+            notes.append(f"quant_pre_process failed ({first_line(exc)}); quantized without it")
+            return src
+    finally:
+        os.chdir(previous)
+
+
+class OnnxInt8StaticBuilder(_OnnxBuilder):
+    """Static INT8 in QDQ format with calibration over the given samples (onnxruntime)."""
+
+    kind = "onnx-int8"
+    Config = Int8StaticConfig
+
+    def build(self, model: onnx.ModelProto, out_dir: Path, samples: Samples) -> BuiltVariant:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        cfg, notes = self.config, []
+        model = prepare_for_quantization(model, self.kind, notes)
+        check_samples(model, samples, self.kind)
+        model, per_channel = _opset_for_per_channel(model, cfg.per_channel, notes)
+        large = model.ByteSize() > _PROTO_LIMIT
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        out_dir = Path(out_dir)
+        with work_dir(out_dir, self.kind) as tmp:
+            src = tmp / "input.onnx"
+            save_onnx(model, src)
+            if cfg.pre_process:
+                src = run_quant_pre_process(src, tmp / "preprocessed.onnx", notes, cfg.pre_process_optimize)
+            present = {n.name for n in onnx.load(str(src), load_external_data=False).graph.node}
+            missing = sorted(set(cfg.nodes_to_exclude) - present)
+            if missing:
+                notes.append(f"nodes_to_exclude not in the graph: {', '.join(missing[:10])}")
+            out = tmp / "out" / f"{self.kind}.onnx"
+            out.parent.mkdir()
+
+            def quantize(source: Path) -> None:
+                quantize_static(
+                    str(source), str(out), _SampleReader(samples), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None,
+                    per_channel=per_channel, reduce_range=cfg.reduce_range,
+                    # Symmetric activations in uint8 would put the zero-point at 128: use int8.
+                    activation_type=QuantType.QInt8 if cfg.activation_symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
+                    calibrate_method=methods[cfg.calibration_method],
+                    use_external_data_format=large,
+                    extra_options={"ActivationSymmetric": cfg.activation_symmetric,
+                                   "WeightSymmetric": cfg.weight_symmetric},
+                )
+
+            try:
+                quantize(src)
+            except Exception as exc:
+                if src.name != "preprocessed.onnx":
+                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc)}") from None
+                # Measured on magika: the pre-processor's Gemm fusion leaves a 2-D bias that ORT's
+                # per-channel bias-scale check cannot handle; the graph as given quantizes fine.
+                notes.append(f"quantize_static failed on the pre-processed model ({first_line(exc)}); "
+                             "retried without quant_pre_process")
+                try:
+                    quantize(tmp / "input.onnx")
+                except Exception as exc2:
+                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc2)}") from None
+            quantized = count_quantized_nodes(onnx.load(str(out)))
+            if quantized == 0:
+                raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
+            check_loads_in_ort(out, self.kind)
+            files = publish(_staged_files(out), out_dir)
+        notes.append(f"{quantized} nodes quantized ({'per-channel' if per_channel else 'per-tensor'} "
+                     f"weights, {cfg.calibration_method} calibration over {len(samples)} samples)")
+        return self._result(files, notes, quantized)
+
+
+def _opset_for_per_channel(model: onnx.ModelProto, per_channel: bool,
+                           notes: list[str]) -> tuple[onnx.ModelProto, bool]:
+    """Per-channel QDQ on opset < 13 writes DequantizeLinear with ``axis``, which that opset does
+    not have: ORT refuses the model (checked with ORT 1.32). Upgrade to 13, or go per-tensor."""
+    opset = default_opset(model)
+    if not per_channel or opset >= 13:
+        return model, per_channel
+    try:
+        model = upgrade_opset(model, 13)
+    except Exception as exc:  # the version converter has no adapter for some ops
+        notes.append(f"opset {opset} could not be upgraded to 13 ({first_line(exc)}); per-tensor weights")
+        return model, False
+    notes.append(f"opset {opset} upgraded to 13 for per-channel QDQ")
+    return model, True
+
+
+def _zero_reason(model: onnx.ModelProto) -> str:
+    hidden = if_subgraph_weight_count(model)
+    if hidden and float_weight_count(model, include_subgraphs=False) == 0:
+        return f"0 nodes quantized: all {hidden} weight tensors are inside If/Loop/Scan subgraphs"
+    if hidden:
+        return f"0 nodes quantized ({hidden} weight tensors are inside If/Loop/Scan subgraphs)"
+    top = sum(n.op_type in QUANTIZABLE_OP_TYPES for n in model.graph.node)
+    nested = sum(n.op_type in QUANTIZABLE_OP_TYPES for n in iter_nodes(model.graph)) - top
+    if nested and not top:
+        return f"0 nodes quantized: all {nested} Conv/MatMul/Gemm nodes are inside If/Loop/Scan subgraphs"
+    return "0 nodes quantized: no op the quantizer supports takes quantizable inputs"
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    min_matmul_fraction: float = param(
+        0.5, "least share of MACs in MatMul/Gemm/RNN ops; below it the graph is Conv-bound and "
+             "dynamic INT8 (ConvInteger) measured 6-15x slower than fp32")
+    op_types: tuple[str, ...] = param(("MatMul", "Attention", "LSTM"),
+                                      "op types to quantize; Conv is left out on purpose")
+    nodes_to_exclude: tuple[str, ...] = param((), "node names left in float")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.min_matmul_fraction) <= 1.0:
+            raise ConfigError(f"onnx-int8-dynamic: min_matmul_fraction {self.min_matmul_fraction} "
+                              "is not between 0 and 1")
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+
+
+class OnnxInt8DynamicBuilder(_OnnxBuilder):
+    """Dynamic INT8 (weights int8, activations quantized at run time): MatMul-heavy graphs only."""
+
+    kind = "onnx-int8-dynamic"
+    Config = Int8DynamicConfig
+
+    def build(self, model: onnx.ModelProto, out_dir: Path, samples: Samples | None = None) -> BuiltVariant:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        cfg, notes = self.config, []
+        model = prepare_for_quantization(model, self.kind, notes)
+        share = matmul_fraction(model)
+        if share < cfg.min_matmul_fraction:
+            raise VariantNotApplicable(
+                f"{self.kind}: Conv-heavy graph (MatMul share of MACs {share:.0%} < "
+                f"{cfg.min_matmul_fraction:.0%}): dynamic INT8 is 6-15x slower than fp32 on CNNs")
+        if "MatMul" in cfg.op_types:
+            model, rewritten = gemm_to_matmul(model)
+            if rewritten:
+                notes.append(f"{rewritten} Gemm node(s) rewritten as MatMul+Add (no dynamic Gemm kernel)")
+        out_dir = Path(out_dir)
+        with work_dir(out_dir, self.kind) as tmp:
+            src = tmp / "input.onnx"
+            save_onnx(model, src)
+            out = tmp / "out" / f"{self.kind}.onnx"
+            out.parent.mkdir()
+            try:
+                quantize_dynamic(str(src), str(out), op_types_to_quantize=list(cfg.op_types),
+                                 per_channel=False, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
+                                 use_external_data_format=model.ByteSize() > _PROTO_LIMIT)
+            except Exception as exc:
+                raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}") from None
+            quantized = count_quantized_nodes(onnx.load(str(out)))
+            if quantized == 0:
+                raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
+            check_loads_in_ort(out, self.kind)
+            files = publish(_staged_files(out), out_dir)
+        notes.append(f"{quantized} nodes quantized (MatMul share of MACs {share:.0%})")
+        return self._result(files, notes, quantized)
+
+
+ONNX_BUILDERS: dict[str, type[_OnnxBuilder]] = {
+    b.kind: b for b in (OnnxFp32Builder, OnnxFp16Builder, OnnxInt8StaticBuilder, OnnxInt8DynamicBuilder)
+}
