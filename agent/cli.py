@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -111,14 +112,24 @@ def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config
         out.print(f"[yellow]last error:[/] {data['last_error']}")
     selection = data.get("last_selection") or {}
     if selection.get("table"):
-        table = Table(title="last selection (variant × provider)")
-        for col in ("variant", "provider", "precision", "status", "p50 ms", "p95 ms", "runs", "health", "detail"):
-            table.add_column(col)
+        table = Table(title="last selection (variant × provider)", box=box.SIMPLE_HEAD, show_edge=False,
+                      pad_edge=False)
+        for col in ("variant", "provider", "prec", "status", "p50 ms", "p95 ms", "runs", "health"):
+            table.add_column(col, no_wrap=True, justify="right" if col in ("p50 ms", "p95 ms", "runs") else "left")
         for row in selection["table"]:
-            table.add_row(row["variant"], f"{row['runtime']}:{row['provider']}", row.get("precision") or "",
+            table.add_row(row["variant"], _short(row["runtime"], row["provider"]), row.get("precision") or "",
                           row["status"], _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
-                          {True: "pass", False: "FAIL", None: "—"}[row.get("health")], row.get("detail") or "")
+                          {True: "pass", False: "FAIL", None: "—"}[row.get("health")])
         out.print(table)
+        for row in selection["table"]:
+            if row.get("detail"):
+                out.print(f"[dim]{row['variant']} on {row['provider']}: {row['detail']}[/]")
+
+
+def _short(runtime: str, provider: str) -> str:
+    """'onnxruntime', 'CUDAExecutionProvider' → 'ort:CUDA' (fits an 80-column table)."""
+    name = {"onnxruntime": "ort", "openvino": "ov"}.get(runtime, runtime)
+    return f"{name}:{provider.removesuffix('ExecutionProvider')}"
 
 
 def _ms(value: float | None) -> str:

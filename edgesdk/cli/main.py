@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from edgesdk import __version__
-from edgesdk.cli import inspect_cmd, keys, targets
+from edgesdk.cli import fleet_cmd, inspect_cmd, keys, package_cmd, targets
 
 app = typer.Typer(
     name="edgesdk",
@@ -20,19 +20,8 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(inspect_cmd.verify)
 
 
-def _register_optional() -> None:
-    # Commands whose modules need the host extra or the fleet modules register themselves here.
-    from edgesdk.cli import package_cmd
-
-    app.command("package")(package_cmd.package)
-    try:
-        from edgesdk.cli import fleet_cmd
-    except ImportError:  # the fleet commands are not there yet in this build
-        return
-    fleet_cmd.register(app)
-
-
-_register_optional()
+app.command("package")(package_cmd.package)
+fleet_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)

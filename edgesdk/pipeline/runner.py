@@ -325,8 +325,7 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
             source={"filename": req.model.name, "sha256": loaded.sha256, "size": loaded.size,
                     "format": loaded.format, "opset": loaded.opset,
                     "simplify": getattr(pipe, "simplify_report", {})},
-            inputs=pipe.inputs, outputs=[TensorSpec(n, str(v.dtype), tuple(v.shape))
-                                         for n, v in pipe.reference_outputs[0].items()],
+            inputs=pipe.inputs, outputs=list(pipe.reference.outputs),
             variants=variants, dropped=pipe.dropped, skipped=pipe.skipped,
             calibration={"source": pipe.data.source, "synthetic": pipe.data.synthetic,
                          "calibration_samples": len(pipe.data.calibration),
