@@ -63,6 +63,8 @@ def package(
     out: Path = typer.Option(Path("."), "--out", help="Folder to write NAME-VERSION-TARGET.edgepkg into."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any variant is dropped by its accuracy gate."),
     bench_runs: int = typer.Option(30, "--bench-runs", help="Timed runs per variant in the host benchmark."),
+    repair_budget: float = typer.Option(120.0, "--repair-budget", help="Seconds the repair of one failing INT8 "
+                                        "variant may take (0: no repair)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (see docs/cli-json.md)."),
 ) -> None:
     """Optimize, quantize and validate MODEL for one target; write a signed .edgepkg.
@@ -81,7 +83,7 @@ def package(
     request = PackageRequest(
         model=model, target=profile, out_dir=out, name=name, version=version, calibration=calibration,
         validation=validation, input_shapes=parse_input_shapes(input_shape), evaluator=evaluator,
-        labels=labels, key_path=key, strict=strict, bench_runs=bench_runs,
+        labels=labels, key_path=key, strict=strict, bench_runs=bench_runs, repair_budget_s=repair_budget,
     )
     with Progress(SpinnerColumn(finished_text=""), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False, disable=as_json) as progress:

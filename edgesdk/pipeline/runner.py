@@ -24,7 +24,8 @@ from edgesdk.errors import (ConfigError, GateFailedError, ModelError, PackagingE
 from edgesdk.manifest import Manifest, TensorSpec, Variant
 from edgesdk.package import package_filename, write_package
 from edgesdk.pipeline import calibration, evaluation
-from edgesdk.pipeline.model_io import LoadedModel, load_model, model_inputs, ops_unsupported, save_model
+from edgesdk.pipeline.model_io import (LoadedModel, load_model, model_inputs, ops_unsupported,
+                                       require_runtime_support, save_model)
 from edgesdk.pipeline.progress import Reporter, SilentReporter
 from edgesdk.pipeline.repair import Attempt, repair_int8
 from edgesdk.pipeline.shapes import fix_input_shapes
@@ -59,6 +60,7 @@ class PackageRequest:
     bench_runs: int = 30  # host benchmark runs per variant (informational)
     reference_samples: int = 4  # samples shipped for the device's health check
     synthetic_samples: int = 32
+    repair_budget_s: float = 120.0  # time the repair of one failing INT8 variant may take
 
 
 @dataclass
@@ -144,6 +146,11 @@ class _Pipeline:
             self.reference = open_session(self.reference_path, ref_runtime, HOST_PROVIDER[ref_runtime])
         except RuntimeUnavailableError as exc:
             raise PackagingError(f"cannot run the reference model on this host: {exc}") from None
+        except ModelError:
+            # An op the runtime has no kernel for (a custom domain op): name it, not the temp file.
+            if loaded.format == "onnx" and ops_unsupported(loaded, ref_runtime):
+                require_runtime_support(loaded, ref_runtime)
+            raise
         self.inputs = _specs_of(self.reference)
         r.begin("reference outputs")
         self.reference_outputs = _run_all(self.reference, self.data.validation)
@@ -238,7 +245,8 @@ class _Pipeline:
             r.info(f"{spec.kind} failed its gate ({'; '.join(first.gate.failures)}): trying remedies")
             final, remedies = repair_int8(first, attempt, reporter=r,
                                           max_float_nodes=int(spec.options.get("max_float_nodes", 8)),
-                                          reference_model=self.model, samples=self.data.validation[:8])
+                                          reference_model=self.model, samples=self.data.validation[:8],
+                                          budget_s=self.req.repair_budget_s)
         final.remedies = remedies
         if final.gate.passed:
             r.end(f"variant {spec.kind}", f"passed ({final.built.quantized_nodes} quantized nodes)"
@@ -284,6 +292,8 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
     warnings: list[str] = []
     if req.bench_runs < 1:
         raise ConfigError("--bench-runs must be ≥ 1")
+    if req.labels is not None and req.validation is None:  # checked before any work is done
+        raise ConfigError("--labels needs --validation: the labels must match the validation samples in order")
     key_path, key_created = _resolve_key(req, reporter)
     key = load_private_key(key_path)
     reporter.begin("load model")

