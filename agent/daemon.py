@@ -89,12 +89,9 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Restore the active model, serve the API, and start connecting (non-blocking)."""
-        notes = self.installer.restore()
-        active = self.store.active()
-        for note in notes:
-            log.warning("%s", note)
-            self._emit(InstallEventKind.ROLLED_BACK if "rolled back" in note else InstallEventKind.FAILED,
-                       (active or {}).get("package_id", ""), reason=note)
+        for kind, package_id, reason in self.installer.restore():
+            log.warning("%s", reason)
+            self._emit(kind, package_id, reason=reason)
         self.api.start()
         log.info("local API on %s", self.api.url)
         self.client.loop_start()  # paho's thread connects and reconnects (broker down at start included)

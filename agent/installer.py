@@ -23,7 +23,7 @@ from edgesdk.profiles import TargetProfile, load_builtin
 from edgesdk.protocol import DesiredDeployment, InstallEventKind
 
 from agent.hardware import HardwareInfo, check_target
-from agent.model_host import ActiveModel, ModelHost
+from agent.model_host import ActiveModel, ModelHost, prepare_feeds
 from agent.selection import Selection, cache_key, load_reference, select
 from agent.store import VersionStore
 
@@ -47,9 +47,16 @@ class Installer:
         self.last_error: str | None = None
 
     # -- start-up ------------------------------------------------------------------------------
-    def restore(self) -> list[str]:
-        """At start: repair the store after a crash, then load and health-check the active version."""
-        notes = self.store.recover()
+    def restore(self) -> list[tuple[InstallEventKind, str, str]]:
+        """At start: repair the store after a crash, then load and health-check the active version.
+
+        Returns what happened as (event kind, package id, reason) for the daemon to report.
+        """
+        active = self.store.active()
+        # recover() says "fell back to previous version" when the active one was broken; its other
+        # notes are installs a crash interrupted (reported as failed).
+        report = [(InstallEventKind.ROLLED_BACK if "fell back" in note else InstallEventKind.FAILED,
+                   (active or {}).get("package_id", ""), note) for note in self.store.recover()]
         for _ in range(2):  # the active version, then (if it no longer passes) the previous one
             active = self.store.active()
             if not active:
@@ -60,18 +67,18 @@ class Installer:
                 selection = self._select(package_id, manifest, cached=active)
                 self._serve(package_id, manifest, selection)
                 self._write_status()
-                return notes
+                return report
             except EdgeError as exc:
-                note = f"active version {package_id[:12]} no longer starts: {exc}"
-                notes.append(note)
-                self.last_error = note
+                self.last_error = f"active version {package_id[:12]} no longer starts: {exc}"
+                report.append((InstallEventKind.FAILED, package_id, self.last_error))
                 try:
                     self.store.rollback()
-                    notes.append(f"rolled back to {self.store.active()['package_id'][:12]}")
                 except InstallError:
                     break
+                back = self.store.active()["package_id"]
+                report.append((InstallEventKind.ROLLED_BACK, back, f"rolled back to {back[:12]}"))
         self._write_status()
-        return notes
+        return report
 
     # -- the install sequence ------------------------------------------------------------------
     def install(self, desired: DesiredDeployment, fetch: FetchFn) -> bool:
@@ -141,9 +148,23 @@ class Installer:
             self.store.gc(keep=2)
 
     def _smoke_test(self, pid: str, manifest: Manifest) -> None:
-        """One inference through the model host on a reference input, after the switch."""
+        """One inference on the now-active model, on a reference input, after the switch.
+
+        On its session, with the feeds checked as a request's are, but not through
+        `ModelHost.infer`: that records the call in the telemetry window, and this call is the
+        agent's own, not an application's request (the fleet would count one per install).
+        """
         ref_in, _ = load_reference(self.store.install_dir(pid), manifest)
-        self.host.infer(ref_in[0])
+        model = self.host.active
+        if model is None or model.package_id != pid:
+            raise InstallError(f"version {pid[:12]} is not the active model after the switch")
+        try:
+            model.session.run(prepare_feeds(model, ref_in[0]))
+        except EdgeError:
+            raise
+        except Exception as exc:  # runtimes raise their own types; any of them fails the switch
+            raise InstallError(f"smoke test of {model.variant} on {model.provider} failed: "
+                               f"{type(exc).__name__}: {exc}") from None
 
     # -- pieces --------------------------------------------------------------------------------
     def _manifest(self, pid: str) -> Manifest:
