@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgesdk import __version__
-from edgesdk.broker import BrokerConfig, TlsConfig, Will, make_client, parse_broker_url
+from edgesdk.broker import BrokerConfig, JitteredBackoff, TlsConfig, Will, make_client, parse_broker_url
 from edgesdk.errors import ProtocolError
 from edgesdk.protocol import (DesiredDeployment, DeviceState, InstallEvent, InstallEventKind, device_desired,
                               device_events, device_state, device_telemetry)
@@ -80,8 +80,10 @@ class Agent:
         self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
                                   will=Will(device_state(config.fleet, config.device_id),
                                             self._state(online=False).to_json()))
+        self.backoff = JitteredBackoff(self.client, self.broker)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = lambda client, userdata: self.backoff.failed()
         self.client.message_callback_add(device_desired(config.fleet, config.device_id), self._on_desired)
         self.fetcher = PackageFetcher(self.client, config.fleet, config.device_id, data,
                                       stall_timeout_s=config.stall_timeout_s)
@@ -130,7 +132,9 @@ class Agent:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.warning("broker %s refused the connection: %s", self.broker.url, reason)
+            self.backoff.failed()
             return
+        self.backoff.connected()
         cfg = self.config
         client.subscribe(device_desired(cfg.fleet, cfg.device_id), qos=1)
         client.publish(device_state(cfg.fleet, cfg.device_id), self._state(online=True).to_json(), qos=1, retain=True)
@@ -141,6 +145,7 @@ class Agent:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
+        self.backoff.failed()
         if not self.stopping.is_set():
             log.warning("disconnected from %s (%s); reconnecting", self.broker.url, reason)
 

@@ -11,6 +11,7 @@ state (a restart without persistence, a kill) forgets sessions.
 from __future__ import annotations
 
 import socket
+import random
 import ssl
 import threading
 import time
@@ -204,3 +205,34 @@ def disconnect(client: mqtt.Client) -> None:
     """Clean DISCONNECT (no Will) and stop the network thread."""
     client.disconnect()
     client.loop_stop()
+
+
+class JitteredBackoff:
+    """Reconnect delays that grow exponentially with random jitter, so a fleet that lost its broker
+    does not reconnect in lockstep. paho's own backoff doubles without jitter; this sets paho's
+    next delay from the connection callbacks, which paho runs before each reconnect wait.
+
+    Call `failed()` from ``on_disconnect`` / ``on_connect_fail`` and `connected()` from ``on_connect``.
+    """
+
+    def __init__(self, client: mqtt.Client, config: BrokerConfig, rng: random.Random | None = None) -> None:
+        self.client, self.config = client, config
+        self.rng = rng or random.Random()
+        self.attempts = 0
+        self.last_delay = config.reconnect_min_s
+
+    def _apply(self, delay: float) -> None:
+        self.last_delay = delay
+        # min == next delay; paho doubles it only if no callback runs, and ours always does.
+        self.client.reconnect_delay_set(delay, max(delay, self.config.reconnect_max_s))  # type: ignore[arg-type]
+
+    def failed(self) -> float:
+        cap = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2 ** self.attempts)
+        self.attempts += 1
+        delay = cap * self.rng.uniform(0.5, 1.0)  # "equal jitter": never less than half the cap
+        self._apply(delay)
+        return delay
+
+    def connected(self) -> None:
+        self.attempts = 0
+        self._apply(self.config.reconnect_min_s * self.rng.uniform(0.5, 1.0))
