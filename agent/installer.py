@@ -180,8 +180,11 @@ class Installer:
                                f"{self.profile.name}")
         try:
             profile = self.profile if self.profile is not None else load_builtin(manifest.target)
-        except ConfigError:
-            return  # a user's own profile name: the architecture check needs the profile file
+        except ConfigError:  # a user's own profile: the manifest carries its architecture
+            if manifest.architecture and manifest.architecture != self.hardware.arch:
+                raise InstallError(f"package target {manifest.target} is {manifest.architecture}; this device "
+                                   f"is {self.hardware.arch}") from None
+            return
         problems = check_target(self.hardware, profile)
         if problems:
             raise InstallError(f"package target {manifest.target} does not fit this device: {problems[0]}")

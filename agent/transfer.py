@@ -327,9 +327,12 @@ class PackageFetcher:
             self._count("corrupt_blocks")
             return
         if reply.status == BlockStatus.NOT_FOUND:
+            # Ask again at once (behind a shared subscription another repository may have it),
+            # and fail fast when none does, instead of waiting for the stall timeout.
             t.not_found += 1
             if t.not_found > self.max_retries:
                 raise TransferError(f"transfer of {t.id12} failed: the repository has no such package")
+            self._reissue(t, [reply.block] if reply.block in t.outstanding else [INDEX_BLOCK])
             return
         if reply.status != BlockStatus.OK:
             reason = reply.payload.decode("utf-8", "replace")[:200]

@@ -76,6 +76,7 @@ class Manifest:
         "inputs": REFERENCE_INPUTS, "outputs": REFERENCE_OUTPUTS})
     created: str = ""
     edgesdk_version: str = ""
+    architecture: str = ""  # the target's CPU architecture, so a device can refuse a user profile's package
     schema_version: int = SCHEMA_VERSION
 
     # -- serialisation -------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Manifest:
             calibration=data.get("calibration", {}), host=data.get("host", {}),
             reference=data.get("reference", {"inputs": REFERENCE_INPUTS, "outputs": REFERENCE_OUTPUTS}),
             created=data.get("created", ""), edgesdk_version=data.get("edgesdk_version", ""),
+            architecture=data.get("architecture", "") if isinstance(data.get("architecture", ""), str) else "",
             schema_version=version,
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -88,9 +90,18 @@ def package(
     with Progress(SpinnerColumn(finished_text=""), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False, disable=as_json) as progress:
         reporter = RichReporter(progress)
+        quiet_before = progress.console.quiet
         if as_json:
-            reporter.progress.console.quiet = True
-        result = build_package(request, reporter)
+            progress.console.quiet = True  # warnings go into the JSON's "warnings"
+        try:
+            # stdout is for the result only: ORT's calibrators print() their progress and NNCF
+            # draws progress bars on stdout, which broke `--json | jq` on every x86-64-cpu run.
+            with contextlib.redirect_stdout(sys.stderr):
+                result = build_package(request, reporter)
+        finally:
+            # The console is shared: left quiet, the `error:` line of a failure (and of every
+            # later command in this process) was never printed.
+            progress.console.quiet = quiet_before
     if as_json:
         print_json({"package": str(result.path), "key": str(result.key_path), "key_created": result.key_created,
                     "warnings": result.warnings, **inspect_json(result.manifest, None)})

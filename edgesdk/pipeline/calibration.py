@@ -82,7 +82,9 @@ def _load_file(path: Path, inputs: list[TensorSpec]) -> list[Feeds]:
     n = next(iter(counts.values()), 0)
     if n == 0:
         raise CalibrationDataError(f"{path}: holds no samples (N = 0 on the leading axis)")
-    return [{name: array[i] for name, array in checked.items()} for i in range(n)]
+    # array[i, ...], not array[i]: a scalar input (silero-vad's `sr`) must stay a 0-d array;
+    # a numpy scalar makes quantize_static fail ("Unable to handle object of type numpy.int64").
+    return [{name: array[i, ...] for name, array in checked.items()} for i in range(n)]
 
 
 def _read_arrays(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:

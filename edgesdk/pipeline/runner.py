@@ -343,7 +343,7 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
                          "reference_samples": ref_count, "notes": list(pipe.data.notes),
                          "task_metric": getattr(pipe, "evaluator_name", None) if pipe.evaluator else None},
             host=_host_info(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            edgesdk_version=__version__,
+            edgesdk_version=__version__, architecture=req.target.architecture,
         )
         reporter.begin("sign and write")
         out_path = Path(req.out_dir) / package_filename(name, req.version, req.target.name)

@@ -1,0 +1,283 @@
+"""Faults injected for real against a running agent that already serves v1: a hostile or broken
+deployment, a broker that is down or killed, an agent SIGKILLed mid-install. Each asserts what
+survived: v1 keeps answering /v1/infer, and the failure is one `failed` event with a clear reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.client import EdgeClient
+from agent.store import VersionStore
+from edgesdk.broker import parse_broker_url
+from edgesdk.protocol import InstallEvent, InstallEventKind as K
+from edgesdk.runtime import open_session
+from tests.agent.agent_harness import (
+    AgentProcess, Collector, PackageSet, ReferenceModels, agent_settings, build_config, deploy,
+    keep_broker_state_across_restarts, new_device_id, package_set, publish_desired, repository, running_agent,
+    sample_feeds, seeded_data_dir, subprocess_env, wait_until, write_config,
+)
+from tests.fixtures.broker import MosquittoBroker, free_port
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> PackageSet:
+    return package_set(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def refs(packages: PackageSet) -> ReferenceModels:
+    return ReferenceModels(packages)
+
+
+@dataclass
+class Rig:
+    """One device: a data_dir where v1 is installed and active, its settings, a collector, the repository."""
+
+    broker: MosquittoBroker
+    packages: PackageSet
+    refs: ReferenceModels
+    tmp: Path
+    device: str
+    data_dir: Path
+    col: Collector
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        return agent_settings(self.packages, self.broker.url, self.data_dir, self.device, **overrides)
+
+    def config(self, **overrides: Any):  # noqa: ANN201
+        return build_config(self.settings(**overrides), self.tmp)
+
+    def served(self, url: str, seed: int = 3) -> str | None:
+        feeds = sample_feeds(seed)
+        return self.refs.which(EdgeClient(url, timeout_s=10).infer(feeds)["logits"], feeds)
+
+    def wait_v1_online(self) -> None:
+        self.col.wait_state(lambda s: s.online and s.active_package == self.packages.v1.pid, what="v1 online")
+
+    def only_failure(self, package_id: str) -> InstallEvent:
+        """The one `failed` event of this install: wait for it, let later messages arrive, count."""
+        failed = self.col.wait_event(K.FAILED, package_id)
+        self.col.settle()
+        failures = self.col.of_kind(K.FAILED)
+        assert failures == [failed], f"expected one failed event, got {self.col.describe_events()}"
+        assert failed.reason and "\n" not in failed.reason and "Traceback" not in failed.reason
+        return failed
+
+    def persist_broker_state(self) -> None:
+        """From here on a broker restart, even after a kill, comes back with what the broker held at
+        the last clean stop, including this collector's subscription: messages for it published
+        before it has reconnected are queued for it, not lost."""
+        for clean_restart in (lambda: keep_broker_state_across_restarts(self.broker), self.broker.restart):
+            acks = self.col.subacks
+            clean_restart()
+            self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
+
+    def assert_v1_still_serving(self, agent: Any) -> None:
+        assert self.served(agent.api.url) == "v1"
+        assert agent.store.active()["package_id"] == self.packages.v1.pid
+        assert agent.status()["active"]["package_id"] == self.packages.v1.pid
+        assert self.col.of_kind(K.ACTIVATED) == []
+
+
+@pytest.fixture
+def rig(mosquitto: MosquittoBroker, packages: PackageSet, refs: ReferenceModels, tmp_path: Path) -> Iterator[Rig]:
+    device = new_device_id("fault")
+    with Collector(mosquitto.url, device) as col:
+        yield Rig(mosquitto, packages, refs, tmp_path, device, seeded_data_dir(packages, tmp_path / "data"), col)
+
+
+# -- a bad deployment ------------------------------------------------------------------------------
+def test_rejects_package_signed_by_unknown_key(rig: Rig) -> None:
+    rogue = rig.packages.untrusted
+    with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config()) as agent:
+        rig.wait_v1_online()
+        deploy(rig.broker.url, rig.device, rogue)
+        failed = rig.only_failure(rogue.pid)
+        assert "signature does not match any trusted key" in failed.reason
+        assert rig.col.of_kind(K.VERIFIED) == []
+        rig.assert_v1_still_serving(agent)
+        assert not agent.store.has_version(rogue.pid)  # nothing of it was extracted
+        assert not any(rogue.pid in p.name for p in (rig.data_dir / "versions").iterdir())
+
+
+def test_ignores_desired_message_that_is_not_json(rig: Rig) -> None:
+    with running_agent(rig.config()) as agent:
+        rig.wait_v1_online()
+        publish_desired(rig.broker.url, rig.device, b"{this is not json")
+        failed = rig.only_failure("")
+        assert "not valid JSON" in failed.reason and "desired" in failed.reason
+        rig.assert_v1_still_serving(agent)
+        assert agent.installer.last_error is None  # nothing was attempted
+
+
+def test_reports_package_missing_from_repository(rig: Rig) -> None:
+    missing_id = hashlib.sha256(b"never published").hexdigest()
+    desired = dataclasses.replace(rig.packages.v2.desired(), package_id=missing_id, sha256=missing_id)
+    with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config(stall_timeout_s=2)) as agent:
+        rig.wait_v1_online()
+        publish_desired(rig.broker.url, rig.device, desired.to_json())
+        failed = rig.only_failure(missing_id)
+        # The repository answers NOT_FOUND; the fetcher gives up on that or on the stall timeout.
+        assert "no such package" in failed.reason or "stalled" in failed.reason, failed.reason
+        assert missing_id[:12] in failed.reason
+        rig.assert_v1_still_serving(agent)
+
+
+def test_rejects_package_for_another_target_when_configured(rig: Rig) -> None:
+    arm = rig.packages.arm
+    with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config(target="x86-64-cpu")) as agent:
+        rig.wait_v1_online()
+        deploy(rig.broker.url, rig.device, arm)
+        failed = rig.only_failure(arm.pid)
+        assert "acme-arm-board" in failed.reason and "x86-64-cpu" in failed.reason
+        assert rig.col.of_kind(K.SELECTED) == []
+        rig.assert_v1_still_serving(agent)
+
+
+def test_rejects_aarch64_package_from_user_profile_without_configured_target(rig: Rig) -> None:
+    arm = rig.packages.arm
+    with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config()) as agent:
+        rig.wait_v1_online()
+        deploy(rig.broker.url, rig.device, arm)
+        done = rig.col.wait_for(lambda c: c.of_kind(K.FAILED, arm.pid) or c.of_kind(K.ACTIVATED, arm.pid),
+                                what="the end of the arm install")
+        assert done[0].kind == K.FAILED and "aarch64" in (done[0].reason or "")
+        rig.assert_v1_still_serving(agent)
+
+
+class NegatedOutputs:
+    """A runtime that loads and runs but computes garbage: every output negated."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.input_names, self.output_names = session.input_names, session.output_names
+
+    def run(self, feeds: Any) -> dict[str, np.ndarray]:
+        return {name: -value for name, value in self._session.run(feeds).items()}
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def test_keeps_previous_when_every_candidate_fails_health_check(rig: Rig) -> None:
+    v2 = rig.packages.v2
+
+    def factory(path: Path, runtime: str, provider: str, options: Any = None, threads: Any = None) -> Any:
+        session = open_session(path, runtime, provider, options=options, threads=threads)
+        return NegatedOutputs(session) if v2.pid in Path(path).parts else session
+
+    with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config(), session_factory=factory) as agent:
+        rig.wait_v1_online()
+        deploy(rig.broker.url, rig.device, v2)
+        failed = rig.only_failure(v2.pid)
+        assert "no candidate passed the health check" in failed.reason
+        for variant in v2.manifest.variants:
+            assert f"{variant.id}@" in failed.reason
+        assert rig.col.of_kind(K.SELECTED, v2.pid) == []
+        rig.assert_v1_still_serving(agent)
+        assert agent.store.previous() is None  # v1 was not demoted, not even for a moment
+
+
+# -- the broker ------------------------------------------------------------------------------------
+def test_serves_while_broker_down_at_start_then_installs_desired(rig: Rig) -> None:
+    rig.persist_broker_state()
+    deploy(rig.broker.url, rig.device, rig.packages.v2)  # retained: waits for the device
+    rig.broker.stop()  # a clean stop: the retained desired is kept for the broker's return
+    # stall_timeout_s above the fetcher's 5 s request timeout: a block request sent before the
+    # repository has re-subscribed is re-issued, not counted as a stall.
+    config = rig.config(stall_timeout_s=8)
+    with running_agent(config, broker=parse_broker_url(rig.broker.url, reconnect_min_s=0.2,
+                                                       reconnect_max_s=0.5)) as agent:
+        assert rig.served(agent.api.url) == "v1"  # the API is up and serving with no broker at all
+        assert not agent.connected.is_set()
+        rig.broker.start()
+        with repository(rig.broker.url, rig.packages.repo):
+            rig.col.wait_event(K.ACTIVATED, rig.packages.v2.pid)
+            assert rig.served(agent.api.url) == "v2"
+        assert agent.store.previous()["package_id"] == rig.packages.v1.pid
+        assert rig.col.of_kind(K.FAILED) == []
+
+
+def test_telemetry_survives_broker_outage_without_gaps(rig: Rig) -> None:
+    rig.persist_broker_state()
+    with running_agent(rig.config()) as agent:
+        client = EdgeClient(agent.api.url, timeout_s=10)
+        rig.wait_v1_online()
+        made = 0
+        for i in range(5):
+            client.infer(sample_feeds(i))
+            made += 1
+        rig.col.wait_for(lambda c: sum(w.count for w in c.unique_windows().values()) >= made,
+                         what="the first requests counted")
+
+        rig.broker.kill()
+        wait_until(lambda: not agent.connected.is_set(), what="the agent to notice the broker is gone")
+        first_offline = agent.recorder.next_seq
+        for i in range(7):
+            client.infer(sample_feeds(i))  # the API does not need the broker
+            made += 1
+        # Three windows closed while the broker is away, held in the on-disk spool (not lost).
+        wait_until(lambda: len([seq for seq in agent.spool.pending() if seq >= first_offline]) >= 3,
+                   what="three windows spooled while offline")
+        rig.broker.start()
+        for i in range(4):
+            client.infer(sample_feeds(i))
+            made += 1
+
+        rig.col.wait_for(lambda c: sum(w.count for w in c.unique_windows().values()) >= made,
+                         what=f"all {made} requests counted")
+        rig.col.settle()
+        windows = rig.col.unique_windows()
+        assert sum(w.count for w in windows.values()) == made
+        assert sorted(windows) == list(range(min(windows), max(windows) + 1)), "a window is missing"
+        assert {first_offline, first_offline + 1, first_offline + 2} <= set(windows)
+        assert all(w.dropped_windows == 0 and w.errors == 0 for w in windows.values())
+
+
+# -- the agent process -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kill_at", [K.DOWNLOADING, K.SELECTED])
+def test_agent_killed_during_install_restarts_serving_and_completes(rig: Rig, kill_at: K) -> None:
+    v1, v2 = rig.packages.v1, rig.packages.v2
+    api_port = free_port()
+    config = write_config(rig.tmp / "agent.yaml", rig.settings(api=f"127.0.0.1:{api_port}"))
+    env = subprocess_env(rig.tmp / "home")
+    url = f"http://127.0.0.1:{api_port}"
+    with repository(rig.broker.url, rig.packages.repo):
+        with AgentProcess(config, rig.tmp / "agent-1.log", env) as first:
+            rig.wait_v1_online()
+            deploy(rig.broker.url, rig.device, v2)
+            rig.col.wait_event(kill_at, v2.pid)
+            first.kill()  # SIGKILL: no cleanup, whatever step the install was at
+            assert first.proc.returncode == -9
+
+        states = len(rig.col.states)
+        with AgentProcess(config, rig.tmp / "agent-2.log", env) as second:
+            back = rig.col.wait_for(lambda c: next((s for s in c.states[states:] if s.online), None),
+                                    what="the restarted agent online")
+            # Never broken: the moment it is back it serves the old version or the new one.
+            assert back.active_package in (v1.pid, v2.pid)
+            assert rig.served(url) in ("v1", "v2")
+            rig.col.wait_for(lambda c: any(s.online and s.active_package == v2.pid for s in c.states[states:]),
+                             what="v2 active after the restart")
+            assert rig.served(url) == "v2"
+            assert second.terminate() == 0
+        assert "Traceback" not in second.log()
+
+    store = VersionStore(rig.data_dir)
+    assert store.active()["package_id"] == v2.pid
+    assert store.previous()["package_id"] == v1.pid
+    assert store.has_version(v1.pid) and store.has_version(v2.pid)
+    leftovers = [p.name for p in (rig.data_dir / "versions").iterdir() if p.name.endswith(".partial")
+                 or p.name.startswith(".trash-")]
+    assert leftovers == []
+    # Start-up reports the crash's leftovers it removed as `failed` (installer.restore); nothing else failed.
+    others = [e for e in rig.col.of_kind(K.FAILED) if not (e.reason or "").startswith("removed unfinished ")]
+    assert others == [], rig.col.describe_events()
