@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from edgesdk.errors import EdgeError
-from edgesdk.pipeline.graph_stats import QUANTIZABLE_OP_TYPES
 from edgesdk.pipeline.progress import Reporter
 from edgesdk.validation import compare_outputs
 

@@ -33,7 +33,7 @@ from edgesdk.pipeline.simplify import simplify
 from edgesdk.pipeline.variant_build import VariantNotApplicable, build_variant
 from edgesdk.profiles import VARIANT_KINDS, TargetProfile, VariantSpec
 from edgesdk.runtime import Session, open_session, runtime_versions
-from edgesdk.signing import default_key_dir, generate_keys, load_private_key
+from edgesdk.signing import PRIVATE_NAME, default_key_dir, generate_keys, load_private_key
 from edgesdk.validation import compare_outputs, evaluate_gate, health_tolerance
 
 # The provider each runtime is validated and timed with on the host (the device measures its own).
@@ -72,20 +72,25 @@ class PackageResult:
     warnings: list[str]
 
 
-def _resolve_key(req: PackageRequest, reporter: Reporter) -> tuple[Path, bool]:
+def _existing_key(req: PackageRequest, reporter: Reporter) -> Path | None:
+    """The key to sign with, loaded now so a bad key fails before any work; None: the default key
+    does not exist yet (it is created only when there is a package to sign)."""
     if req.key_path is not None:
-        load_private_key(req.key_path)  # fail early on a bad key, before any work
-        return req.key_path, False
-    key_dir = default_key_dir()
-    path = key_dir / "signing.key"
+        load_private_key(req.key_path)
+        return req.key_path
+    path = default_key_dir() / PRIVATE_NAME
     if path.exists():
         reporter.info(f"signing with the default key {path}")
         load_private_key(path)
-        return path, False
-    pair = generate_keys(key_dir)
+        return path
+    return None
+
+
+def _create_default_key(reporter: Reporter) -> Path:
+    pair = generate_keys(default_key_dir())
     reporter.warn(f"no --key given: created a signing key at {pair.private_path} (public: {pair.public_path}); "
                   "give the public key to your devices")
-    return pair.private_path, True
+    return pair.private_path
 
 
 def _specs_of(session: Session) -> list[TensorSpec]:
@@ -294,8 +299,7 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
         raise ConfigError("--bench-runs must be ≥ 1")
     if req.labels is not None and req.validation is None:  # checked before any work is done
         raise ConfigError("--labels needs --validation: the labels must match the validation samples in order")
-    key_path, key_created = _resolve_key(req, reporter)
-    key = load_private_key(key_path)
+    key_path = _existing_key(req, reporter)
     reporter.begin("load model")
     loaded = load_model(req.model)
     reporter.end("load model", f"{loaded.format}, {loaded.size / 1e6:.1f} MB")
@@ -347,7 +351,10 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
         )
         reporter.begin("sign and write")
         out_path = Path(req.out_dir) / package_filename(name, req.version, req.target.name)
-        write_package(out_path, manifest, files, key)
+        key_created = key_path is None
+        if key_path is None:
+            key_path = _create_default_key(reporter)
+        write_package(out_path, manifest, files, load_private_key(key_path))
         reporter.end("sign and write", str(out_path))
         for attempt in accepted:
             if attempt.session is not None:
