@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgesdk.errors import ConfigError, EdgeError
 from edgesdk.profiles import TargetProfile, resolve_target
 from edgesdk.signing import load_public_key
+from edgesdk.yamlfile import load_yaml_file
 
 # MQTT client ids: brokers must accept [0-9a-zA-Z] up to 23 bytes; every broker we target
 # (Mosquitto, EMQX, HiveMQ, VerneMQ) accepts this wider set. No `/`, `+`, `#`: ids go into topics.
@@ -92,19 +92,7 @@ class AgentConfig:
 def load_config(path: str | Path) -> AgentConfig:
     """Read, validate and build the agent config; raise ConfigError with one line otherwise."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: agent config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read agent config: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: broken YAML{where}: {problem}") from None
+    data = load_yaml_file(path, "agent config")
     return parse_config(data, str(path), path.resolve().parent)
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from edgesdk.errors import ConfigError
+from edgesdk.yamlfile import load_yaml_file
 
 # Runtime → the providers (ORT execution providers, OpenVINO devices, LiteRT delegates) we know.
 KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -285,19 +285,7 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
 
 def load_profile_file(path: str | Path) -> TargetProfile:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: target profile file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read target profile: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: broken YAML{where}: {problem}") from None
+    data = load_yaml_file(path, "target profile")
     return parse_profile(data, str(path))
 
 
