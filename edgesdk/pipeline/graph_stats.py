@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgesdk.errors import ModelError, PackagingError
+from edgesdk.pipeline.model_io import iter_graphs
 
 ML_DOMAIN = "ai.onnx.ml"
 # Ops whose weights static INT8 quantizes and whose names a repair step may leave in float.
@@ -77,19 +78,9 @@ class BuiltVariant:
 # --------------------------------------------------------------------------- graph walking
 
 
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph inside it (If branches, Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
-
-
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and its subgraphs (not model-local functions, unlike
+    ``model_io.iter_nodes``, which takes a whole model)."""
     for g in iter_graphs(graph):
         yield from g.node
 
@@ -325,39 +316,73 @@ def quantizable_node_names(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in named.graph.node if n.op_type in QUANTIZABLE_OP_TYPES and not n.domain]
 
 
-def fold_constant_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy with the main graph's tensor-valued ``Constant`` nodes moved into initializers.
+def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose `Constant` nodes are initializers (subgraphs included).
 
     ORT's quantizers only see weights that are initializers; ``quantize_dynamic`` fails outright on
-    Constant-node weights. Constants that are graph outputs stay nodes. Returns (model, folded).
+    Constant-node weights. Kept as nodes: a Constant that is directly a graph output, sparse
+    constants, and, for IR < 4 models (initializers must be graph inputs there), those inside
+    subgraphs.
     """
-    model = copy.deepcopy(model)
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    keep, folded = [], 0
-    for node in graph.node:
-        tensor = _constant_tensor(node) if node.op_type == "Constant" and not node.domain else None
-        if tensor is None or node.output[0] in outputs:
-            keep.append(node)
+    return fold_constant_nodes_counted(model)[0]
+
+
+def fold_constant_nodes_counted(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``fold_constant_nodes``, with how many Constant nodes it folded (for notes and reports)."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    old_ir = folded.ir_version < 4
+    graphs = list(iter_graphs(folded.graph))  # depth first: the main graph comes first
+    count = 0
+    # Deepest first: rewriting a graph's node list copies its nodes, so a subgraph is folded
+    # before the graph that holds it.
+    for index in reversed(range(len(graphs))):
+        graph = graphs[index]
+        if old_ir and index > 0:
             continue
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        folded += 1
-    if folded:
-        del graph.node[:]
-        graph.node.extend(keep)
-    return model, folded
+        outputs = {v.name for v in graph.output}
+        kept = []
+        for node in graph.node:
+            tensor = _constant_tensor(node) if node.output and node.output[0] not in outputs else None
+            if tensor is None:
+                kept.append(node)
+                continue
+            graph.initializer.append(tensor)
+            if old_ir:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                 list(tensor.dims)))
+        if len(kept) != len(graph.node):
+            count += len(graph.node) - len(kept)
+            del graph.node[:]
+            graph.node.extend(kept)
+    return folded, count
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return copy.deepcopy(attr.t)
-        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            value = helper.get_attribute_value(attr)
-            dtype = np.float32 if attr.name.startswith("value_float") else np.int64
-            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
-    return None  # sparse_value / string constants: leave as they are
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    name = node.output[0]
+    make = helper.make_tensor
+    TP = onnx.TensorProto
+    if attr.name == "value":
+        tensor = TP()
+        tensor.CopyFrom(attr.t)
+        tensor.name = name
+        return tensor
+    if attr.name == "value_float":
+        return make(name, TP.FLOAT, [], [attr.f])
+    if attr.name == "value_floats":
+        return make(name, TP.FLOAT, [len(attr.floats)], list(attr.floats))
+    if attr.name == "value_int":
+        return make(name, TP.INT64, [], [attr.i])
+    if attr.name == "value_ints":
+        return make(name, TP.INT64, [len(attr.ints)], list(attr.ints))
+    if attr.name == "value_string":
+        return make(name, TP.STRING, [], [attr.s])
+    if attr.name == "value_strings":
+        return make(name, TP.STRING, [len(attr.strings)], list(attr.strings))
+    return None  # sparse_value: left as a node
 
 
 def default_opset(model: onnx.ModelProto) -> int:

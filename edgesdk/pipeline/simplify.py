@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from edgesdk.pipeline.calibration import Feeds, synthetic_samples
-from edgesdk.pipeline.model_io import EXTERNAL_DATA_THRESHOLD, iter_graphs, iter_nodes, model_inputs
+from edgesdk.pipeline.graph_stats import fold_constant_nodes_counted
+from edgesdk.pipeline.model_io import EXTERNAL_DATA_THRESHOLD, iter_nodes, model_inputs
 
 _LONG_DIM = 256  # second try for dynamic non-batch dims (silero VAD needs ≥ 128 samples)
 _REASON_MAX = 300  # characters of an error kept in the report
@@ -48,10 +49,9 @@ def simplify(model: onnx.ModelProto, config: SimplifyConfig | None = None,
     if slimmed is not None and reason is None:
         return slimmed, {"applied": True, "reason": None, "nodes_before": before,
                          "nodes_after": _count_nodes(slimmed)}
-    folded = fold_constant_nodes(model)
+    folded, constants_folded = fold_constant_nodes_counted(model)
     return folded, {"applied": False, "reason": reason, "nodes_before": before,
-                    "nodes_after": _count_nodes(folded),
-                    "constants_folded": _count_constants(model) - _count_constants(folded)}
+                    "nodes_after": _count_nodes(folded), "constants_folded": constants_folded}
 
 
 def _slim(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
@@ -162,74 +162,8 @@ def _difference(want: Any, have: Any, rtol: float) -> str | None:
     return f"max abs difference {diff:.3g} (tolerance {rtol:g} relative)"
 
 
-# -- Constant folding ----------------------------------------------------------------------------
-
-def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose `Constant` nodes are initializers (subgraphs included).
-
-    Kept as nodes: a Constant that is directly a graph output, sparse constants, and, for
-    IR < 4 models (initializers must be graph inputs there), those inside subgraphs.
-    """
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    old_ir = folded.ir_version < 4
-    graphs = list(iter_graphs(folded.graph))  # depth first: the main graph comes first
-    # Deepest first: rewriting a graph's node list copies its nodes, so a subgraph is folded
-    # before the graph that holds it.
-    for index in reversed(range(len(graphs))):
-        graph = graphs[index]
-        if old_ir and index > 0:
-            continue
-        outputs = {v.name for v in graph.output}
-        kept = []
-        for node in graph.node:
-            tensor = _constant_tensor(node) if node.output and node.output[0] not in outputs else None
-            if tensor is None:
-                kept.append(node)
-                continue
-            graph.initializer.append(tensor)
-            if old_ir:
-                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                                      list(tensor.dims)))
-        if len(kept) != len(graph.node):
-            del graph.node[:]
-            graph.node.extend(kept)
-    return folded
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
-        return None
-    attr = node.attribute[0]
-    name = node.output[0]
-    make = onnx.helper.make_tensor
-    TP = onnx.TensorProto
-    if attr.name == "value":
-        tensor = TP()
-        tensor.CopyFrom(attr.t)
-        tensor.name = name
-        return tensor
-    if attr.name == "value_float":
-        return make(name, TP.FLOAT, [], [attr.f])
-    if attr.name == "value_floats":
-        return make(name, TP.FLOAT, [len(attr.floats)], list(attr.floats))
-    if attr.name == "value_int":
-        return make(name, TP.INT64, [], [attr.i])
-    if attr.name == "value_ints":
-        return make(name, TP.INT64, [len(attr.ints)], list(attr.ints))
-    if attr.name == "value_string":
-        return make(name, TP.STRING, [], [attr.s])
-    if attr.name == "value_strings":
-        return make(name, TP.STRING, [len(attr.strings)], list(attr.strings))
-    return None  # sparse_value: left as a node
-
-
 def _count_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for _ in iter_nodes(model))
-
-
-def _count_constants(model: onnx.ModelProto) -> int:
-    return sum(1 for n in iter_nodes(model) if n.op_type == "Constant")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,13 +14,9 @@ quantization that changed nothing (weights inside ``If`` subgraphs) is refused, 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import os
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,70 +24,26 @@ import numpy as np
 import onnx
 import onnx.inliner  # not imported by `import onnx`
 
-from edgesdk.atomicfile import fsync_dir
-from edgesdk.errors import CalibrationDataError, ConfigError, PackagingError
+from edgesdk.errors import ConfigError, PackagingError
+from edgesdk.pipeline.build_support import (
+    PROTO_LIMIT, Samples, check_samples, config_from_options, param, publish, save_onnx,
+    staged_files, work_dir,
+)
 from edgesdk.pipeline.graph_stats import (
     QUANTIZABLE_OP_TYPES, BuiltVariant, VariantNotApplicable, count_quantized_nodes, default_opset,
-    ensure_node_names, first_line, float_weight_count, fold_constant_nodes, gemm_to_matmul,
-    if_subgraph_weight_count, iter_graphs, iter_nodes, matmul_fraction, ml_op_types,
-    quantizable_node_names, upgrade_opset,
+    ensure_node_names, first_line, float_weight_count, fold_constant_nodes_counted, gemm_to_matmul,
+    if_subgraph_weight_count, iter_nodes, matmul_fraction, ml_op_types, upgrade_opset,
 )
-from edgesdk.profiles import CALIBRATION_METHODS, VARIANT_KINDS, VARIANT_OPTIONS
+from edgesdk.profiles import CALIBRATION_METHODS, VARIANT_KINDS
 
 __all__ = [
     "BuiltVariant", "VariantNotApplicable", "OnnxFp32Builder", "OnnxFp16Builder",
     "OnnxInt8StaticBuilder", "OnnxInt8DynamicBuilder", "Fp32Config", "Fp16Config",
-    "Int8StaticConfig", "Int8DynamicConfig", "ONNX_BUILDERS", "ensure_node_names",
-    "quantizable_node_names", "fold_constant_nodes",
+    "Int8StaticConfig", "Int8DynamicConfig", "ONNX_BUILDERS",
 ]
 
-Samples = list[dict[str, np.ndarray]]
-_PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less headroom: larger models use external data
 
-
-def param(default: Any, help: str) -> Any:  # noqa: A002 - mirrors Olive's PassConfigParam wording
-    """A config field with its default and a one-line description (read by docs and the CLI)."""
-    return field(default=default, metadata={"help": help})
-
-
-def config_from_options(config_cls: type, kind: str, options: dict[str, Any]) -> Any:
-    """Build a builder config from a profile's ``variants[].options``.
-
-    Options the profile schema allows but this config does not declare are consumed by other
-    passes (``max_float_nodes`` drives the INT8 repair step) and are ignored here.
-    """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(options) - set(VARIANT_OPTIONS.get(kind, {})) - names
-    if unknown:
-        raise ConfigError(f"{kind}: unknown option(s) {', '.join(sorted(unknown))}")
-    return config_cls(**{k: v for k, v in options.items() if k in names})
-
-
-def real_inputs(model: onnx.ModelProto) -> list[str]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
-def check_samples(model: onnx.ModelProto, samples: Samples, kind: str) -> None:
-    """Samples must be a non-empty list of feed dicts naming exactly the model's inputs, each
-    array with the input's dtype and rank (a wrong one fails deep in calibration otherwise)."""
-    if not samples:
-        raise CalibrationDataError(f"{kind}: no calibration samples given")
-    names = real_inputs(model)
-    specs = {i.name: i.type.tensor_type for i in model.graph.input if i.name in names}
-    for i, feeds in enumerate(samples):
-        if not isinstance(feeds, dict) or set(feeds) != set(names):
-            got = sorted(feeds) if isinstance(feeds, dict) else type(feeds).__name__
-            raise CalibrationDataError(f"{kind}: sample {i} has inputs {got}, the model expects {sorted(names)}")
-        for name, array in feeds.items():
-            spec = specs[name]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type) if spec.elem_type else None
-            if dtype is not None and np.asarray(array).dtype != dtype:
-                raise CalibrationDataError(f"{kind}: sample {i} input {name!r} is "
-                                           f"{np.asarray(array).dtype}, the model expects {dtype}")
-            if spec.HasField("shape") and np.ndim(array) != len(spec.shape.dim):
-                raise CalibrationDataError(f"{kind}: sample {i} input {name!r} has rank {np.ndim(array)}, "
-                                           f"the model expects {len(spec.shape.dim)}")
+# --------------------------------------------------------------------------- checks
 
 
 def refuse_ml_graph(model: onnx.ModelProto, kind: str) -> None:
@@ -99,43 +51,6 @@ def refuse_ml_graph(model: onnx.ModelProto, kind: str) -> None:
     if ops:
         raise VariantNotApplicable(
             f"{kind}: classic-ML graph (ai.onnx.ml ops: {', '.join(ops)}) has no INT8 kernels")
-
-
-# --------------------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def work_dir(out_dir: Path, kind: str) -> Iterator[Path]:
-    """A hidden scratch folder inside ``out_dir`` (same filesystem, so publishing is a rename),
-    removed on exit whatever happens."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{kind}-work-") as tmp:
-        yield Path(tmp)
-
-
-def publish(staged: list[Path], out_dir: Path) -> list[Path]:
-    """Move finished files from the work folder into ``out_dir`` (rename each, then fsync)."""
-    final = []
-    for path in staged:
-        target = out_dir / path.name
-        os.replace(path, target)
-        final.append(target)
-    fsync_dir(out_dir)
-    return final
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save a model; over protobuf's 2 GiB limit its tensors go to ``{name}.data`` beside it."""
-    if model.ByteSize() > _PROTO_LIMIT:
-        onnx.save_model(model, path, save_as_external_data=True, location=f"{path.name}.data")
-        return [path, path.with_name(f"{path.name}.data")]
-    onnx.save_model(model, path)
-    return [path]
-
-
-def _staged_files(main: Path) -> list[Path]:
-    extra = sorted(p for p in main.parent.iterdir() if p.name.startswith(main.name) and p != main)
-    return [main, *extra]
 
 
 def check_loads_in_ort(path: Path, kind: str) -> None:
@@ -292,7 +207,7 @@ def prepare_for_quantization(model: onnx.ModelProto, kind: str, notes: list[str]
             notes.append(f"{count} model-local function(s) inlined")
         except Exception as exc:  # inliner rejects some opset mixes; quantize what is visible
             notes.append(f"{count} model-local function(s) could not be inlined ({first_line(exc)})")
-    model, folded = fold_constant_nodes(ensure_node_names(model))
+    model, folded = fold_constant_nodes_counted(ensure_node_names(model))
     if folded:
         notes.append(f"{folded} Constant node(s) folded into initializers")
     return model
@@ -338,7 +253,7 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
         model = prepare_for_quantization(model, self.kind, notes)
         check_samples(model, samples, self.kind)
         model, per_channel = _opset_for_per_channel(model, cfg.per_channel, notes)
-        large = model.ByteSize() > _PROTO_LIMIT
+        large = model.ByteSize() > PROTO_LIMIT
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
         out_dir = Path(out_dir)
@@ -386,7 +301,7 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
             if quantized == 0:
                 raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
             check_loads_in_ort(out, self.kind)
-            files = publish(_staged_files(out), out_dir)
+            files = publish(staged_files(out), out_dir)
         notes.append(f"{quantized} nodes quantized ({'per-channel' if per_channel else 'per-tensor'} "
                      f"weights, {cfg.calibration_method} calibration over {len(samples)} samples)")
         return self._result(files, notes, quantized)
@@ -468,14 +383,14 @@ class OnnxInt8DynamicBuilder(_OnnxBuilder):
                 quantize_dynamic(str(src), str(out), op_types_to_quantize=list(cfg.op_types),
                                  per_channel=False, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
-                                 use_external_data_format=model.ByteSize() > _PROTO_LIMIT)
+                                 use_external_data_format=model.ByteSize() > PROTO_LIMIT)
             except Exception as exc:
                 raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}") from None
             quantized = count_quantized_nodes(onnx.load(str(out)))
             if quantized == 0:
                 raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
             check_loads_in_ort(out, self.kind)
-            files = publish(_staged_files(out), out_dir)
+            files = publish(staged_files(out), out_dir)
         notes.append(f"{quantized} nodes quantized (MatMul share of MACs {share:.0%})")
         return self._result(files, notes, quantized)
 

@@ -24,16 +24,15 @@ import numpy as np
 import onnx
 
 from edgesdk.errors import ConfigError, PackagingError, UnsupportedModelError
+from edgesdk.pipeline.build_support import (
+    Samples, check_samples, config_from_options, param, publish, real_inputs, save_onnx, work_dir,
+)
 from edgesdk.pipeline.graph_stats import (
     BuiltVariant, VariantNotApplicable, count_openvino_quantized, ensure_node_names, first_line,
     ml_op_types,
 )
-from edgesdk.pipeline.variants_onnx import (
-    check_samples, config_from_options, param, publish, real_inputs, save_onnx, work_dir,
-)
 from edgesdk.profiles import VARIANT_KINDS
 
-Samples = list[dict[str, np.ndarray]]
 HOST_REFERENCE_OPTIONS: dict[str, str] = {"inference_precision_hint": "f32"}
 PRESETS = ("performance", "mixed")
 # OpenVINO prefixes the useful line with assertion boilerplate; these lines say nothing.

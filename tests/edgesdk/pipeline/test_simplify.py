@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesdk.pipeline import simplify as simplify_module
+from edgesdk.pipeline.graph_stats import fold_constant_nodes
 from edgesdk.pipeline.model_io import load_model, save_model
 from edgesdk.pipeline.shapes import fix_input_shapes
-from edgesdk.pipeline.simplify import fold_constant_nodes, simplify
+from edgesdk.pipeline.simplify import simplify
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:

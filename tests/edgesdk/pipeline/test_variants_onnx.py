@@ -14,12 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 from edgesdk.errors import CalibrationDataError, ConfigError
 from edgesdk.pipeline import graph_stats
 from edgesdk.pipeline.graph_stats import (
-    count_quantized_nodes, ensure_node_names, fold_constant_nodes, has_ml_domain,
-    if_subgraph_weight_count, matmul_fraction,
+    count_quantized_nodes, ensure_node_names, has_ml_domain, if_subgraph_weight_count,
+    matmul_fraction, quantizable_node_names,
 )
+from edgesdk.pipeline.graph_stats import fold_constant_nodes_counted as fold_constant_nodes
 from edgesdk.pipeline.variants_onnx import (
     ONNX_BUILDERS, Fp16Config, Int8StaticConfig, OnnxFp16Builder, OnnxFp32Builder,
-    OnnxInt8DynamicBuilder, OnnxInt8StaticBuilder, VariantNotApplicable, quantizable_node_names,
+    OnnxInt8DynamicBuilder, OnnxInt8StaticBuilder, VariantNotApplicable,
 )
 from edgesdk.profiles import VARIANT_KINDS
 
