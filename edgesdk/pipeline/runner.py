@@ -93,10 +93,6 @@ def _create_default_key(reporter: Reporter) -> Path:
     return pair.private_path
 
 
-def _specs_of(session: Session) -> list[TensorSpec]:
-    return list(session.inputs)
-
-
 def _run_all(session: Session, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     outputs = []
     for feeds in samples:
@@ -156,7 +152,7 @@ class _Pipeline:
             if loaded.format == "onnx" and ops_unsupported(loaded, ref_runtime):
                 require_runtime_support(loaded, ref_runtime)
             raise
-        self.inputs = _specs_of(self.reference)
+        self.inputs: list[TensorSpec] = list(self.reference.inputs)
         r.begin("reference outputs")
         self.reference_outputs = _run_all(self.reference, self.data.validation)
         r.end("reference outputs")
@@ -214,7 +210,7 @@ class _Pipeline:
         attempt.metrics, attempt.gate, attempt.task, attempt.session = metrics, evaluate_gate(metrics, gate, task), task, session
         return attempt
 
-    def build_and_check(self, spec: VariantSpec, index: int) -> Attempt | None:
+    def build_and_check(self, spec: VariantSpec) -> Attempt | None:
         r = self.reporter
         reason = self._skip_reason(spec)
         if reason:
@@ -310,8 +306,7 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
         if loaded.format == "tflite" and not any(v.kind == "tflite" for v in req.target.variants):
             raise UnsupportedModelError(f"{req.model}: target {req.target.name} has no LiteRT variant; .tflite "
                                         "models package for targets that list `tflite` (e.g. raspberry-pi-5)")
-        accepted = [a for i, spec in enumerate(req.target.variants)
-                    if (a := pipe.build_and_check(spec, i)) is not None]
+        accepted = [a for spec in req.target.variants if (a := pipe.build_and_check(spec)) is not None]
         if not accepted:
             if pipe.skipped and not pipe.dropped and all("cannot run on" in s["reason"] for s in pipe.skipped):
                 raise UnsupportedModelError(f"{req.model}: {pipe.skipped[0]['reason']} — no variant of target "
