@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesdk.benchmark import time_session
+from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import EdgeError, HealthCheckError, RuntimeUnavailableError
 from edgesdk.manifest import Manifest
 from edgesdk.validation import health_check
@@ -142,7 +142,6 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
             except EdgeError:
                 pass
     results = [CandidateResult(c) for c in candidates]
-    share = budget_s / len(candidates)
     sessions: dict[Candidate, Any] = {}
     for res in results:
         c = res.candidate
@@ -155,13 +154,19 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
             res.status, res.detail = "load_failed", str(exc)
             continue
         try:
-            stats = time_session(session, ref_in[0], warmup=2, runs=200, budget_s=share, clock=clock)
-        except Exception as exc:  # a runtime can fail at run time in many ways; record it, try the next
-            res.status, res.detail = "load_failed", f"{type(exc).__name__}: {exc}"
+            session.run(ref_in[0])  # a candidate that cannot run the reference input is out now
+        except Exception as exc:  # a runtime can fail at run time in many ways; record it, go on
+            res.status, res.detail = "load_failed", str(exc) if isinstance(exc, EdgeError) else \
+                f"{type(exc).__name__}: {exc}"
             session.close()
             continue
-        res.status, res.p50_ms, res.p95_ms, res.runs = "ok", stats.p50_ms, stats.p95_ms, stats.runs
         sessions[c] = session
+    timed = [r for r in results if r.candidate in sessions]
+    # Interleaved rounds, so a change of load during selection does not pick the winner.
+    stats = time_interleaved([sessions[r.candidate] for r in timed], ref_in[0], warmup=2, max_runs=200,
+                             budget_s=budget_s, clock=clock)
+    for res, st in zip(timed, stats):
+        res.status, res.p50_ms, res.p95_ms, res.runs = "ok", st.p50_ms, st.p95_ms, st.runs
     ranked = sorted((r for r in results if r.status == "ok"), key=lambda r: (r.p50_ms, r.candidate.order))
     chosen = None
     for res in ranked:

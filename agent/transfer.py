@@ -119,7 +119,7 @@ class PackageFetcher:
     """
 
     def __init__(self, client: MqttClient, fleet: str, device_id: str, data_dir: str | Path, *,
-                 clock: Callable[[], float] = time.monotonic, window: int = 8,
+                 clock: Callable[[], float] = time.monotonic, window: int = 32,
                  stall_timeout_s: float = 20.0, request_timeout_s: float = 5.0, max_retries: int = 3,
                  checkpoint_every: int = 32, max_package_bytes: int = 16 * 1024**3) -> None:
         self.client = client

@@ -65,7 +65,7 @@ def package(
     out: Path = typer.Option(Path("."), "--out", help="Folder to write NAME-VERSION-TARGET.edgepkg into."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any variant is dropped by its accuracy gate."),
     bench_runs: int = typer.Option(30, "--bench-runs", help="Timed runs per variant in the host benchmark."),
-    repair_budget: float = typer.Option(120.0, "--repair-budget", help="Seconds the repair of one failing INT8 "
+    repair_budget: float = typer.Option(60.0, "--repair-budget", help="Seconds the repair of one failing INT8 "
                                         "variant may take (0: no repair)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (see docs/cli-json.md)."),
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesdk import __version__
-from edgesdk.benchmark import time_session
+from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import (ConfigError, GateFailedError, ModelError, PackagingError, RuntimeUnavailableError,
                             UnsupportedModelError)
 from edgesdk.manifest import Manifest, TensorSpec, Variant
@@ -60,7 +60,7 @@ class PackageRequest:
     bench_runs: int = 30  # host benchmark runs per variant (informational)
     reference_samples: int = 4  # samples shipped for the device's health check
     synthetic_samples: int = 32
-    repair_budget_s: float = 120.0  # time the repair of one failing INT8 variant may take
+    repair_budget_s: float = 60.0  # time the repair of one failing INT8 variant may take
 
 
 @dataclass
@@ -362,11 +362,11 @@ def _benchmark_and_describe(pipe: _Pipeline, accepted: list[Attempt],
                             reporter: Reporter) -> tuple[list[Variant], dict[str, Path]]:
     reporter.begin("host benchmark")
     feeds = pipe.data.validation[0]
-    # The fp32 ORT baseline is timed before and after the variants; the faster of the two counts,
-    # so a cold start or a noisy neighbour does not flatter the variants.
-    before = time_session(pipe.reference, feeds, runs=pipe.req.bench_runs, budget_s=10).p50_ms
-    timed = [time_session(a.session, feeds, runs=pipe.req.bench_runs, budget_s=10) for a in accepted]
-    baseline = min(before, time_session(pipe.reference, feeds, runs=pipe.req.bench_runs, budget_s=10).p50_ms)
+    # The fp32 ORT baseline and every variant are timed in interleaved rounds, so a change of load
+    # during the benchmark does not flatter or penalise one of them.
+    stats = time_interleaved([pipe.reference] + [a.session for a in accepted], feeds,
+                             max_runs=pipe.req.bench_runs, budget_s=10 * (len(accepted) + 1))
+    baseline, timed = stats[0].p50_ms, stats[1:]
     variants, files = [], {}
     for attempt, stats in zip(accepted, timed):
         built = attempt.built

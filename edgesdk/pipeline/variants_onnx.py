@@ -210,7 +210,33 @@ def prepare_for_quantization(model: onnx.ModelProto, kind: str, notes: list[str]
     model, folded = fold_constant_nodes_counted(ensure_node_names(model))
     if folded:
         notes.append(f"{folded} Constant node(s) folded into initializers")
+    flattened = flatten_gemm_biases(model)
+    if flattened:
+        notes.append(f"{flattened} Gemm bias(es) of shape [1, N] flattened to [N]")
     return model
+
+
+def flatten_gemm_biases(model: onnx.ModelProto) -> int:
+    """Reshape Gemm biases of shape [1, N] to [N] in place (same result by broadcasting).
+
+    onnxslim fuses MatMul+Add into a Gemm with a [1, N] bias (magika); onnxruntime's quantizer
+    then fails on it ("truth value of an array ... is ambiguous") while it handles [N].
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3:
+            continue
+        bias = initializers.get(node.input[2])
+        if bias is None or len(bias.dims) != 2 or bias.dims[0] != 1 or users.get(bias.name, 0) != 1:
+            continue
+        bias.dims[:] = [bias.dims[1]]  # raw data or typed data: the element order is unchanged
+        count += 1
+    return count
 
 
 def run_quant_pre_process(src: Path, dst: Path, notes: list[str], optimize: bool = False) -> Path:

@@ -414,3 +414,27 @@ def test_real_magika_quantizes_after_symbolic_shape_inference_fails(tmp_path, re
     assert any("retried with skip_symbolic_shape=True" in n for n in built.notes)
     assert built.quantized_nodes > 20
     assert cosine(run(built.files[0], data[:2]), run(model, data[:2])) > 0.9
+
+
+def test_gemm_bias_of_shape_1xn_is_flattened_without_changing_outputs(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgesdk.pipeline.variants_onnx import flatten_gemm_biases
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal((1, 4)).astype(np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="g")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    assert flatten_gemm_biases(model) == 1
+
+    assert list(model.graph.initializer[1].dims) == [4]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6)
