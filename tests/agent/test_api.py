@@ -369,3 +369,16 @@ def test_client_reports_an_unreachable_agent_as_an_edge_error(server) -> None:
     with pytest.raises(ApiUnreachableError) as err:
         EdgeClient(url, timeout_s=2).status()
     assert isinstance(err.value, EdgeError) and err.value.status is None
+
+
+def test_client_keeps_one_connection_and_reopens_it_after_a_server_restart(host, double_plus_one) -> None:
+    host.swap(double_plus_one)
+    with ApiServer("127.0.0.1", 0, host) as api:
+        port = api.port
+        client = EdgeClient(api.url)
+        client.infer({"x": X})
+        first = client._local.conn.sock
+        client.infer({"x": X})
+        assert client._local.conn.sock is first  # the same TCP connection served both calls
+    with ApiServer("127.0.0.1", port, host):  # the kept connection died with the old server
+        assert client.infer({"x": X})["y"].shape == (2, 4)
