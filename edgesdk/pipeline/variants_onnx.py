@@ -323,11 +323,7 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
                     quantize(tmp / "input.onnx")
                 except Exception as exc2:
                     raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc2)}") from None
-            quantized = count_quantized_nodes(onnx.load(str(out)))
-            if quantized == 0:
-                raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
-            check_loads_in_ort(out, self.kind)
-            files = publish(staged_files(out), out_dir)
+            files, quantized = _publish_quantized(self.kind, model, out, out_dir)
         notes.append(f"{quantized} nodes quantized ({'per-channel' if per_channel else 'per-tensor'} "
                      f"weights, {cfg.calibration_method} calibration over {len(samples)} samples)")
         return self._result(files, notes, quantized)
@@ -347,6 +343,15 @@ def _opset_for_per_channel(model: onnx.ModelProto, per_channel: bool,
         return model, False
     notes.append(f"opset {opset} upgraded to 13 for per-channel QDQ")
     return model, True
+
+
+def _publish_quantized(kind: str, model: onnx.ModelProto, out: Path, out_dir: Path) -> tuple[list[Path], int]:
+    """Count the int8 nodes of a quantizer's output (0: not an INT8 variant), check it loads, publish it."""
+    quantized = count_quantized_nodes(onnx.load(str(out)))
+    if quantized == 0:
+        raise VariantNotApplicable(f"{kind}: {_zero_reason(model)}")
+    check_loads_in_ort(out, kind)
+    return publish(staged_files(out), out_dir), quantized
 
 
 def _zero_reason(model: onnx.ModelProto) -> str:
@@ -412,11 +417,7 @@ class OnnxInt8DynamicBuilder(_OnnxBuilder):
                                  use_external_data_format=model.ByteSize() > PROTO_LIMIT)
             except Exception as exc:
                 raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}") from None
-            quantized = count_quantized_nodes(onnx.load(str(out)))
-            if quantized == 0:
-                raise VariantNotApplicable(f"{self.kind}: {_zero_reason(model)}")
-            check_loads_in_ort(out, self.kind)
-            files = publish(staged_files(out), out_dir)
+            files, quantized = _publish_quantized(self.kind, model, out, out_dir)
         notes.append(f"{quantized} nodes quantized (MatMul share of MACs {share:.0%})")
         return self._result(files, notes, quantized)
 

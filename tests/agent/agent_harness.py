@@ -14,7 +14,6 @@
                               that records everything and waits on predicates (no sleeps)
     ReferenceModels           what each package's model answers (onnxruntime on the source model),
                               to tell which version the agent really serves
-    keep_broker_state_across_restarts  a workaround for the broker fixture when run as root
 
 Everything talks to a real Mosquitto (tests/fixtures/broker.py). Timings are small so the whole
 agent suite stays within a few minutes on two cores.
@@ -286,20 +285,6 @@ def build_config(settings: Mapping[str, Any], base_dir: Path) -> AgentConfig:
 
 def new_device_id(prefix: str = "dev") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def keep_broker_state_across_restarts(broker: Any) -> None:
-    """Make the `mosquitto` fixture's restart() keep retained messages and sessions, as it promises.
-
-    Workaround, reported to the fixture's owner: started as root, Mosquitto drops to the
-    `mosquitto` user, which cannot write into pytest's 0700 tmp folders, so it saves no
-    persistence database (and no log file) and a restart forgets everything. Running it as root
-    fixes that. No-op for non-root runs, or once the fixture sets `user` itself. Restarts the broker.
-    """
-    text = broker.config_path.read_text()
-    if os.geteuid() == 0 and "\nuser " not in text:
-        broker.config_path.write_text(text + "user root\n")
-    broker.restart()
 
 
 # -- the fleet side ------------------------------------------------------------------------------

@@ -16,23 +16,13 @@ from agent.client import EdgeClient
 from edgesdk.protocol import DeviceState, InstallEventKind as K
 from tests.agent.agent_harness import (
     FLEET, AgentProcess, Collector, PackageSet, ReferenceModels, ServeProcess, agent_settings, build_config,
-    deploy, device_topics, new_device_id, package_set, repository, retained, run_cli, running_agent,
+    deploy, device_topics, new_device_id, repository, retained, run_cli, running_agent,
     sample_feeds,
     seeded_data_dir, subprocess_env, wait_until, write_config,
 )
 from tests.fixtures.broker import free_port
 
 REQUESTS = 25
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> PackageSet:
-    return package_set(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def refs(packages: PackageSet) -> ReferenceModels:
-    return ReferenceModels(packages)
 
 
 def test_deploy_installs_serves_and_reports_over_mqtt(mosquitto, packages: PackageSet, refs: ReferenceModels,
