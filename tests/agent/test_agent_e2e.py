@@ -9,7 +9,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent.client import EdgeClient
@@ -58,13 +57,11 @@ def test_deploy_installs_serves_and_reports_over_mqtt(mosquitto, packages: Packa
         variant = activated.extra["variant"]
         assert variant == winner[0]["variant"] == selected.extra["variant"]
 
-        # /v1/infer answers what onnxruntime answers on the packaged model.
+        # /v1/infer answers exactly what one of v1's shipped variants answers on this host.
         for i in range(REQUESTS):
             feeds = sample_feeds(i)
             logits = client.infer(feeds)["logits"]
-            expected = refs.expected(packages.v1, feeds)
-            assert logits.shape == expected.shape
-            np.testing.assert_allclose(logits, expected, atol=refs.tolerance(packages.v1))
+            assert logits.shape == refs.expected(packages.v1, feeds).shape
             assert refs.which(logits, feeds) == "v1"
 
         # Telemetry: every request is counted once, in windows numbered without gaps.
