@@ -13,6 +13,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from rich.markup import escape
+
 from edgesdk.errors import ConfigError, EdgeError
 
 app = typer.Typer(name="edge-agent", help="The edgesdk device agent: installs signed model packages from the "
@@ -50,21 +52,27 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Agent config YA
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-           config: Path = typer.Option(None, "--config", "-c", help="Also check this agent config.")) -> None:
+           config: Path = typer.Option(None, "--config", "-c", help="Also check this agent config and try its "
+                                       "broker connection (exit 1 when the broker cannot be reached).")) -> None:
     """What this device has: arch, CPU features, RAM, board, runtimes and providers, matching target."""
     from agent.hardware import doctor_report, probe_hardware
 
+    broker_problem = None
     try:
         if config is not None:
             from agent.config import load_config
 
-            load_config(config)
+            broker_problem = check_broker(load_config(config))
         report = doctor_report(probe_hardware())
     except EdgeError as exc:
         _fail(exc)
+    if config is not None:
+        report["broker"] = {"ok": broker_problem is None, "problem": broker_problem}
+        if broker_problem:
+            report.setdefault("problems", []).append(broker_problem)
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
-        return
+        raise typer.Exit(1 if broker_problem else 0)
     hw = report.get("hardware", report)
     table = Table(title="edge-agent doctor", show_header=False)
     table.add_column("what", style="bold")
@@ -77,9 +85,32 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         providers = (hw.get("providers") or {}).get(runtime, [])
         table.add_row(runtime, f"{version} — {', '.join(providers) or 'no providers'}")
     table.add_row("target", str(report.get("target")))
+    if "broker" in report:
+        table.add_row("broker", "reachable, login accepted" if report["broker"]["ok"] else "[red]unreachable[/]")
     for problem in report.get("problems", []):
-        table.add_row("problem", f"[yellow]{problem}[/]")
+        table.add_row("problem", f"[yellow]{escape(str(problem))}[/]")
     out.print(table)
+    if broker_problem:
+        raise typer.Exit(1)
+
+
+def check_broker(cfg) -> str | None:  # noqa: ANN001 - AgentConfig
+    """Connect to the config's broker as the agent would (TLS, login) with a short deadline and
+    disconnect; None when that works, else the one-line reason."""
+    import uuid
+
+    from agent.daemon import broker_config_of
+    from edgesdk.broker import connect_blocking, disconnect, make_client
+
+    broker = broker_config_of(cfg).with_timeouts(connect_timeout_s=5.0)
+    # Not the device's own client id: a running agent must not be kicked off by its doctor.
+    client = make_client(f"{cfg.device_id}-doctor-{uuid.uuid4().hex[:6]}", broker, clean_start=True)
+    try:
+        connect_blocking(client, broker)
+    except EdgeError as exc:
+        return str(exc)
+    disconnect(client)
+    return None
 
 
 @app.command()

@@ -36,7 +36,9 @@ class EdgeClient:
     """``EdgeClient().infer({"x": arr})`` -> outputs by name. Every call is bounded by ``timeout_s``.
 
     Each thread keeps one HTTP/1.1 connection open (a new TCP connection per call cost 1–2.5 ms
-    on the benchmark host); a kept connection the server has closed is reopened once.
+    on the benchmark host); a kept connection the server has closed is reopened once. The server
+    closes connections idle past its ``idle_timeout_s`` (60 s) or to admit new ones past its
+    ``max_connections``, so a reopen is routine, not an error.
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 10.0) -> None:

@@ -9,7 +9,6 @@ documents every key.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgesdk.errors import ConfigError, EdgeError
 from edgesdk.profiles import TargetProfile, resolve_target
+from edgesdk.protocol import ID_RULE, is_valid_id
 from edgesdk.signing import load_public_key
 from edgesdk.yamlfile import load_yaml_file
 
-# MQTT client ids: brokers must accept [0-9a-zA-Z] up to 23 bytes; every broker we target
-# (Mosquitto, EMQX, HiveMQ, VerneMQ) accepts this wider set. No `/`, `+`, `#`: ids go into topics.
-MQTT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_DATA_DIR = "/var/lib/edge-agent"
 
 KEYS = ("device_id", "fleet", "broker", "tls", "username", "password", "password_file", "data_dir",
-        "trusted_keys", "api", "telemetry_interval_s", "selection_budget_s", "target",
+        "trusted_keys", "fleet_keys", "trust_root", "labels", "api", "telemetry_interval_s", "selection_budget_s", "target",
         "spool_max_windows", "stall_timeout_s", "log_level")
 TLS_KEYS = ("ca", "cert", "key")
 
@@ -47,7 +44,10 @@ class TlsConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str
-    trusted_keys: tuple[Path, ...]
+    trusted_keys: tuple[Path, ...]  # release keys: packages must be signed by one of them
+    fleet_keys: tuple[Path, ...] = ()  # fleet keys: deployment statements must be signed by one
+    trust_root: Path | None = None  # a TUF root naming release and fleet keys (replaces both lists)
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
     fleet: str = "default"
     broker: str = "mqtt://127.0.0.1:1883"
     tls: TlsConfig | None = None
@@ -65,6 +65,8 @@ class AgentConfig:
     source: str = ""  # the file it was loaded from
     # Loaded once at load time so a bad key fails there; not part of equality or repr.
     public_keys: tuple[Ed25519PublicKey, ...] = field(default=(), compare=False, repr=False)
+    fleet_public_keys: tuple[Ed25519PublicKey, ...] = field(default=(), compare=False, repr=False)
+    trust_root_bytes: bytes | None = field(default=None, compare=False, repr=False)
     target_profile: TargetProfile | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -128,19 +130,15 @@ def parse_config(data: Any, source: str, base_dir: Path) -> AgentConfig:
 
     data_dir = check.path("data_dir", data.get("data_dir", DEFAULT_DATA_DIR))
 
-    if "trusted_keys" not in data:
-        raise check.fail("trusted_keys", "missing required key (every package is verified against these)")
-    key_entries = data["trusted_keys"]
-    if not isinstance(key_entries, list) or not key_entries:
-        raise check.fail("trusted_keys", f"expected a non-empty list of public key files, got {key_entries!r}")
-    key_paths, public_keys = [], []
-    for i, entry in enumerate(key_entries):
-        key_path = check.existing_file(f"trusted_keys[{i}]", entry)
-        try:
-            public_keys.append(load_public_key(key_path))
-        except EdgeError as exc:  # KeyFileError: "<file>: not an Ed25519 public key ..."
-            raise check.fail(f"trusted_keys[{i}]", str(exc)) from None
-        key_paths.append(key_path)
+    trust_root, root_bytes = None, None
+    if data.get("trust_root") is not None:
+        trust_root = check.existing_file("trust_root", data["trust_root"])
+        root_bytes = _load_trust_root(check, trust_root)
+    key_paths, public_keys = check.key_list("trusted_keys", data.get("trusted_keys"), required=root_bytes is None,
+                                            why="every package is verified against these")
+    fleet_paths, fleet_public = check.key_list("fleet_keys", data.get("fleet_keys"), required=root_bytes is None,
+                                               why="every deployment statement is verified against these")
+    labels = _parse_labels(check, data.get("labels"))
 
     api = check.string("api", data.get("api", "127.0.0.1:8700"))
     try:
@@ -165,13 +163,43 @@ def parse_config(data: Any, source: str, base_dir: Path) -> AgentConfig:
     return AgentConfig(
         device_id=device_id, fleet=fleet, broker=broker, tls=tls, username=username,
         password=password, password_file=password_file, data_dir=data_dir,
-        trusted_keys=tuple(key_paths), api=api,
+        trusted_keys=tuple(key_paths), fleet_keys=tuple(fleet_paths), trust_root=trust_root, labels=labels,
+        api=api,
         telemetry_interval_s=check.positive("telemetry_interval_s", data.get("telemetry_interval_s", 60)),
         selection_budget_s=check.positive("selection_budget_s", data.get("selection_budget_s", 30)),
         target=target, spool_max_windows=check.count("spool_max_windows", data.get("spool_max_windows", 10000)),
         stall_timeout_s=check.positive("stall_timeout_s", data.get("stall_timeout_s", 60)),
         log_level=log_level, source=source, public_keys=tuple(public_keys), target_profile=profile,
+        fleet_public_keys=tuple(fleet_public), trust_root_bytes=root_bytes,
     )
+
+
+def _load_trust_root(check: _Checker, path: Path) -> bytes:
+    from edgesdk.trustroot import TrustRoot
+
+    try:
+        raw = path.read_bytes()
+        TrustRoot.from_bytes(raw, str(path))
+    except OSError as exc:
+        raise check.fail("trust_root", f"cannot read {path}: {exc.strerror}") from None
+    except EdgeError as exc:
+        raise check.fail("trust_root", str(exc)) from None
+    return raw
+
+
+def _parse_labels(check: _Checker, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise check.fail("labels", f"expected a mapping of label to value, got {value!r}")
+    labels = {}
+    for key, item in value.items():
+        if not is_valid_id(key):
+            raise check.fail(f"labels.{key}", f"a label name is {ID_RULE}")
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or len(str(item)) > 128:
+            raise check.fail(f"labels.{key}", f"expected a short text value, got {item!r}")
+        labels[key] = str(item)
+    return labels
 
 
 def _check_broker(check: _Checker, broker: str) -> None:
@@ -233,10 +261,28 @@ class _Checker:
         return None if value is None else self.string(key, value)
 
     def mqtt_id(self, key: str, value: Any) -> str:
-        if not isinstance(value, str) or not MQTT_ID.fullmatch(value):
-            raise self.fail(key, f"expected 1-64 characters of A-Z a-z 0-9 _ . - "
-                                 f"(it is an MQTT client id and a topic level), got {value!r}")
+        if not is_valid_id(value):
+            raise self.fail(key, f"expected {ID_RULE} (it is an MQTT client id, a broker user and a "
+                                 f"topic level), got {value!r}")
         return value
+
+    def key_list(self, key: str, value: Any, required: bool, why: str) -> tuple[list[Path], list[Ed25519PublicKey]]:
+        """Public key files (paths, loaded keys); ``required`` refuses a missing or empty list."""
+        if value is None:
+            if required:
+                raise self.fail(key, f"missing required key ({why}; or give trust_root)")
+            return [], []
+        if not isinstance(value, list) or (required and not value):
+            raise self.fail(key, f"expected a non-empty list of public key files, got {value!r}")
+        paths, keys = [], []
+        for i, entry in enumerate(value):
+            path = self.existing_file(f"{key}[{i}]", entry)
+            try:
+                keys.append(load_public_key(path))
+            except EdgeError as exc:  # KeyFileError: "<file>: not an Ed25519 public key ..."
+                raise self.fail(f"{key}[{i}]", str(exc)) from None
+            paths.append(path)
+        return paths, keys
 
     def _number(self, key: str, value: Any, test: Callable[[float], bool], what: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):

@@ -10,31 +10,64 @@ against a real Mosquitto.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
+import random
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from edgesdk import __version__
 from edgesdk.broker import BrokerConfig, JitteredBackoff, TlsConfig, Will, make_client, parse_broker_url
-from edgesdk.errors import ProtocolError
-from edgesdk.protocol import (DesiredDeployment, DeviceState, InstallEvent, InstallEventKind, device_desired,
-                              device_events, device_state, device_telemetry)
+from edgesdk.errors import EdgeError, ProtocolError, TrustError, describe_os_error
+from edgesdk.protocol import (DeviceState, InstallEvent, InstallEventKind, SignedStatement, device_desired,
+                              device_events, device_state, device_telemetry, trust_root_topic)
+from edgesdk.trustroot import parse_root_chain
 
 from agent.api import ApiServer, parse_address
 from agent.config import AgentConfig
 from agent.hardware import HardwareInfo, probe_hardware
-from agent.installer import Installer
+from agent.installer import Installer, InstallOutcome
 from agent.model_host import ModelHost
 from agent.spool import SpoolLimits, TelemetrySpool
+from agent.statement_guard import Accepted, StatementGuard
 from agent.store import VersionStore
 from agent.telemetry import LatencyRecorder
 from agent.transfer import PackageFetcher
 
 log = logging.getLogger("edge-agent")
 PUBLISH_TIMEOUT_S = 10.0  # every wait for a PUBACK is bounded (a dead broker must not hang us)
+# A stalled download is retried after a jittered delay growing from RETRY_MIN_S to RETRY_MAX_S.
+RETRY_MIN_S, RETRY_MAX_S = 30.0, 900.0
+
+
+def guarded(where: str) -> Callable:
+    """Run a callback or loop step so that nothing it raises escapes: one log line, one count, one
+    event, and the thread goes on (paho's network thread, the install worker, the telemetry loop)."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self: Agent, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the point: no input may kill a thread
+                self.errors[where] += 1
+                reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
+                log.error("%s: %s", where, reason.splitlines()[0] if reason else type(exc).__name__)
+                try:
+                    self._emit(InstallEventKind.FAILED, "", reason=f"{where}: {reason}"[:500],
+                               extra={"internal_error": where})
+                except Exception:  # noqa: BLE001 - reporting must not raise either
+                    pass
+                return None
+
+        return run
+
+    return wrap
 
 
 def broker_config_of(config: AgentConfig) -> BrokerConfig:
@@ -50,9 +83,12 @@ class Agent:
     def __init__(self, config: AgentConfig, *, broker: BrokerConfig | None = None,
                  hardware: HardwareInfo | None = None, available: dict[str, list[str]] | None = None,
                  session_factory: Callable[..., Any] | None = None, clock: Callable[[], float] = time.time,
-                 api_port: int | None = None) -> None:
+                 api_port: int | None = None, retry_delays: tuple[float, float] = (RETRY_MIN_S, RETRY_MAX_S)) -> None:
         self.config = config
         self.clock = clock
+        self.retry_delays = retry_delays
+        self.errors: Counter[str] = Counter()  # errors caught per callback/loop, shown in status()
+        self.refused: Counter[str] = Counter()  # statements refused, per first word of the reason
         self.broker = broker or broker_config_of(config)
         self.hardware = hardware or probe_hardware()
         if available is None:
@@ -67,14 +103,17 @@ class Agent:
                                         min_seq=0 if newest is None else newest + 1)
         self.host = ModelHost(self.recorder)
         self.store = VersionStore(data, clock=clock)
-        self.installer = Installer(self.store, self.host, list(config.public_keys), self.hardware, self.available,
+        self.guard = StatementGuard(data, config.fleet, config.device_id, release_keys=list(config.public_keys),
+                                    fleet_keys=list(config.fleet_public_keys), trust_root=config.trust_root_bytes,
+                                    clock=clock)
+        self.installer = Installer(self.store, self.host, lambda: self.guard.release_keys, self.hardware, self.available,
                                    self._emit, profile=config.target_profile, budget_s=config.selection_budget_s,
                                    session_factory=session_factory, clock=clock)
         host, port = parse_address(config.api)
         self.api = ApiServer(host, port if api_port is None else api_port, self.host, self.status)
         self.connected = threading.Event()
         self.stopping = threading.Event()
-        self._desired: queue.Queue[DesiredDeployment | None] = queue.Queue()
+        self._desired: queue.Queue[Accepted | None] = queue.Queue()
         self._flush_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
@@ -83,8 +122,10 @@ class Agent:
         self.backoff = JitteredBackoff(self.client, self.broker)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_connect_fail = lambda client, userdata: self.backoff.failed()
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.message_callback_add(device_desired(config.fleet, config.device_id), self._on_desired)
+        self.client.message_callback_add(trust_root_topic(config.fleet), self._on_trust_root)
+        self.client.on_message = self._on_other_message
         self.fetcher = PackageFetcher(self.client, config.fleet, config.device_id, data,
                                       stall_timeout_s=config.stall_timeout_s)
 
@@ -129,49 +170,117 @@ class Agent:
             self.stop()
 
     # -- MQTT callbacks ----------------------------------------------------------------------
+    @guarded("on_connect")
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.warning("broker %s refused the connection: %s", self.broker.url, reason)
-            self.backoff.failed()
+            delay = self.backoff.failed()
+            log.warning("broker %s refused the connection: %s; retrying in %.1f s", self.broker.url, reason, delay)
             return
         self.backoff.connected()
         cfg = self.config
         client.subscribe(device_desired(cfg.fleet, cfg.device_id), qos=1)
+        if self.guard.root is not None:
+            client.subscribe(trust_root_topic(cfg.fleet), qos=1)
         client.publish(device_state(cfg.fleet, cfg.device_id), self._state(online=True).to_json(), qos=1, retain=True)
         self.fetcher.on_connected()
         self.connected.set()
         self._flush_now.set()
         log.info("connected to %s", self.broker.url)
 
+    @guarded("on_disconnect")
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
-        self.backoff.failed()
+        delay = self.backoff.failed()
         if not self.stopping.is_set():
-            log.warning("disconnected from %s (%s); reconnecting", self.broker.url, reason)
+            log.warning("disconnected from %s (%s); reconnecting in %.1f s", self.broker.url, reason, delay)
 
+    @guarded("on_connect_fail")
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        # paho calls this inside its `except OSError:`, so the cause is the exception in flight.
+        exc = sys.exc_info()[1]
+        why = describe_os_error(exc) if isinstance(exc, OSError) else "connection failed"
+        delay = self.backoff.failed()
+        log.warning("cannot reach broker %s: %s; retrying in %.1f s", self.broker.url, why, delay)
+
+    @guarded("on_desired")
     def _on_desired(self, client: Any, userdata: Any, message: Any) -> None:
         if not message.payload:
             return  # a cleared retained message: nothing desired
+        package_id = ""
         try:
-            desired = DesiredDeployment.from_json(message.payload, topic=message.topic)
-        except ProtocolError as exc:
-            self._emit(InstallEventKind.FAILED, "", reason=f"ignored desired message: {exc}")
+            signed = SignedStatement.from_json(message.payload, topic=message.topic)
+            package_id = signed.statement.package_id
+            accepted = self.guard.accept(signed, self.installer.active_version)
+        except (ProtocolError, TrustError) as exc:
+            self._refuse(package_id, str(exc))
             return
-        self._desired.put(desired)
+        if not accepted.redelivered:
+            log.info("accepted statement serial %d for %s %s (signed by %s)", signed.statement.serial,
+                     signed.statement.name, signed.statement.version, accepted.fleet_key)
+        self._desired.put(accepted)
+
+    def _refuse(self, package_id: str, reason: str) -> None:
+        self.refused[reason.split(":")[0][:40]] += 1
+        log.warning("refused desired statement: %s", reason)
+        self._emit(InstallEventKind.REFUSED, package_id, reason=reason[:500])
+
+    @guarded("on_trust_root")
+    def _on_trust_root(self, client: Any, userdata: Any, message: Any) -> None:
+        if not message.payload or self.guard.root is None:
+            return
+        try:
+            if self.guard.update_root(parse_root_chain(message.payload, message.topic)):
+                self._emit(InstallEventKind.VERIFIED, "", extra={"trust_root_version": self.guard.root.version})
+        except (ProtocolError, TrustError) as exc:
+            self._refuse("", f"trust root update refused: {exc}")
+
+    @guarded("on_message")
+    def _on_other_message(self, client: Any, userdata: Any, message: Any) -> None:
+        log.debug("ignoring a message on %s", message.topic)
 
     # -- workers -----------------------------------------------------------------------------
     def _install_loop(self) -> None:
+        retry: Accepted | None = None
+        attempts = 0
         while not self.stopping.is_set():
-            desired = self._desired.get()
+            timeout = None
+            if retry is not None:
+                cap = min(self.retry_delays[1], self.retry_delays[0] * 2 ** max(attempts - 1, 0))
+                timeout = cap * random.uniform(0.5, 1.0)
+                log.info("retrying the download of %s in %.1f s", retry.signed.statement.package_id[:12], timeout)
+            try:
+                item = self._desired.get(timeout=timeout)
+            except queue.Empty:
+                item = retry  # nothing newer arrived: try the same statement again
             while not self._desired.empty():  # only the newest desired state matters
-                desired = self._desired.get_nowait() or desired
-            if desired is None or self.stopping.is_set():
+                item = self._desired.get_nowait() or item
+            if item is None or self.stopping.is_set():
                 return
-            self.installer.install(desired, self._fetch)
-            self._publish_state()
+            if item is not retry:
+                attempts = 0
+            outcome = self._install_one(item)
+            if outcome is InstallOutcome.RETRY:
+                retry, attempts = item, attempts + 1
+            else:
+                retry = None
 
-    def _fetch(self, desired: DesiredDeployment, progress: Callable[[float], None]) -> Any:
-        return self.fetcher.fetch(desired, lambda p: progress(p.bytes_done / max(p.size, 1)))
+    @guarded("install")
+    def _install_one(self, accepted: Accepted) -> InstallOutcome | None:
+        statement = accepted.signed.statement
+        try:
+            statement.check_addressed(self.config.fleet, self.config.device_id, self.clock())  # still valid?
+        except TrustError as exc:
+            self._refuse(statement.package_id, str(exc))
+            return None
+        outcome = self.installer.install(statement, self._fetch)
+        self._publish_state()
+        if outcome is not InstallOutcome.RETRY:
+            self.fetcher.prune(set())  # a finished or refused download leaves nothing behind; a
+            # stalled one is kept for the retry, which resumes it
+        return outcome
+
+    def _fetch(self, statement: Any, progress: Callable[[float], None]) -> Any:
+        return self.fetcher.fetch(statement, lambda p: progress(p.bytes_done / max(p.size, 1)))
 
     def _telemetry_loop(self) -> None:
         interval = self.config.telemetry_interval_s
@@ -180,15 +289,22 @@ class Agent:
             timeout = max(0.0, next_roll - time.monotonic())
             self._flush_now.wait(timeout)
             self._flush_now.clear()
-            if time.monotonic() >= next_roll or self.stopping.is_set():
+            roll = time.monotonic() >= next_roll or self.stopping.is_set()
+            if roll:
                 next_roll += interval
-                model = self.host.active
-                window = self.recorder.roll(context=model.context if model else None,
-                                            dropped_windows=self.spool.dropped_count)
-                if window is not None:
-                    self.spool.append(window.seq, window.to_json())
-            if self.connected.is_set():
-                self.spool.flush(self._publish_telemetry, timeout_s=PUBLISH_TIMEOUT_S)
+            self._telemetry_step(roll)
+
+    @guarded("telemetry")
+    def _telemetry_step(self, roll: bool) -> None:
+        """Roll a window (when due) into the spool, then flush the spool while connected."""
+        if roll:
+            model = self.host.active
+            window = self.recorder.roll(context=model.context if model else None,
+                                        dropped_windows=self.spool.dropped_count)
+            if window is not None:
+                self.spool.append(window.seq, window.to_json())
+        if self.connected.is_set():
+            self.spool.flush(self._publish_telemetry, timeout_s=PUBLISH_TIMEOUT_S)
 
     def _publish_telemetry(self, payload: bytes) -> bool:
         if not self.connected.is_set():
@@ -227,7 +343,10 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return self.installer.status() | {
             "device_id": self.config.device_id, "fleet": self.config.fleet, "broker": self.broker.url,
-            "connected": self.connected.is_set(), "telemetry": {
+            "connected": self.connected.is_set(), "errors_caught": dict(self.errors),
+            "statements": {"last_serial": self.guard.last_serial, "refused": dict(self.refused),
+                           "trust_root_version": self.guard.root.version if self.guard.root else None},
+            "telemetry": {
                 "next_seq": self.recorder.next_seq, "spooled": len(self.spool.pending()),
                 "dropped_windows": self.spool.dropped_count}}
 

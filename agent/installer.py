@@ -9,18 +9,20 @@ factory, so every step can be driven with faults injected.
 from __future__ import annotations
 
 import contextlib
+import enum
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgesdk.atomicfile import write_text_atomic
-from edgesdk.errors import ConfigError, EdgeError, InstallError
+from edgesdk.atomicfile import write_bytes_atomic, write_text_atomic
+from edgesdk.errors import ConfigError, EdgeError, InstallError, TransferStalledError, TrustError, map_os_errors
 from edgesdk.manifest import MANIFEST_NAME, Manifest
 from edgesdk.package import extract_package
 from edgesdk.profiles import TargetProfile, load_builtin
-from edgesdk.protocol import DesiredDeployment, InstallEventKind
+from edgesdk.protocol import DeploymentStatement, InstallEventKind
 
 from agent.hardware import HardwareInfo, check_target
 from agent.model_host import ActiveModel, ModelHost, prepare_feeds
@@ -28,18 +30,31 @@ from agent.selection import Selection, cache_key, load_reference, select
 from agent.store import VersionStore
 
 EmitFn = Callable[..., None]  # emit(kind: InstallEventKind, package_id: str, **fields)
-FetchFn = Callable[[DesiredDeployment, Callable[[float], None]], Path]
+FetchFn = Callable[[DeploymentStatement, Callable[[float], None]], Path]
+KeysFn = Callable[[], list]  # the release keys trusted now (a trust root may rotate them)
 DRAIN_TIMEOUT_S = 10.0
+# Written into a version's folder after its .edgepkg bytes were checked against the package id,
+# so a version folder can later be tied to the statement that names it (mix-and-match check).
+ORIGIN_NAME = ".edgesdk-origin.json"
+
+
+class InstallOutcome(enum.Enum):
+    """How `Installer.install` ended."""
+
+    ACTIVE = "active"  #: the statement's package is the active, serving version
+    FAILED = "failed"  #: refused or failed; the previous version serves; reported as `failed`
+    RETRY = "retry"  #: the transfer stalled (repository gone or too slow): try again later
 
 
 class Installer:
     """Owns the version store and the model host's active model."""
 
-    def __init__(self, store: VersionStore, host: ModelHost, trusted_keys: list, hardware: HardwareInfo,
+    def __init__(self, store: VersionStore, host: ModelHost, trusted_keys: list | KeysFn, hardware: HardwareInfo,
                  available: dict[str, list[str]], emit: EmitFn, *, profile: TargetProfile | None = None,
                  budget_s: float = 30.0, session_factory: Callable[..., Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store, self.host, self.trusted_keys = store, host, list(trusted_keys)
+        self.store, self.host = store, host
+        self._release_keys: KeysFn = trusted_keys if callable(trusted_keys) else (lambda keys=list(trusted_keys): keys)
         self.hardware, self.available, self.emit = hardware, available, emit
         self.profile, self.budget_s, self.session_factory, self.clock = profile, budget_s, session_factory, clock
         self.status_path = store.data_dir / "status.json"
@@ -52,11 +67,10 @@ class Installer:
 
         Returns what happened as (event kind, package id, reason) for the daemon to report.
         """
-        active = self.store.active()
-        # recover() says "fell back to previous version" when the active one was broken; its other
-        # notes are installs a crash interrupted (reported as failed).
-        report = [(InstallEventKind.ROLLED_BACK if "fell back" in note else InstallEventKind.FAILED,
-                   (active or {}).get("package_id", ""), note) for note in self.store.recover()]
+        # What recovery did, as events: a broken active version rolled back; an install a crash
+        # interrupted, a state reset, a forgotten fallback as failed; housekeeping is only logged.
+        report = [(InstallEventKind.ROLLED_BACK if note.kind == "rolled_back" else InstallEventKind.FAILED,
+                   note.package_id, note.reason) for note in self.store.recover() if note.kind != "cleaned"]
         for _ in range(2):  # the active version, then (if it no longer passes) the previous one
             active = self.store.active()
             if not active:
@@ -81,32 +95,33 @@ class Installer:
         return report
 
     # -- the install sequence ------------------------------------------------------------------
-    def install(self, desired: DesiredDeployment, fetch: FetchFn) -> bool:
-        """Install ``desired``; True when it is active. Failures are reported, never raised."""
-        pid, rollout = desired.package_id, desired.rollout_id
+    @property
+    def trusted_keys(self) -> list:
+        return self._release_keys()
+
+    def active_version(self, name: str) -> str | None:
+        """The version of package ``name`` this device runs (None: it runs no such package)."""
+        model = self.host.active
+        return model.version if model is not None and model.name == name else None
+
+    def install(self, statement: DeploymentStatement, fetch: FetchFn) -> InstallOutcome:
+        """Install what ``statement`` names. Failures are reported (one `failed` event), never raised."""
+        pid, rollout = statement.package_id, statement.rollout_id
         active = self.store.active()
         if active and active["package_id"] == pid and self.host.active is not None:
-            return True
+            return InstallOutcome.ACTIVE
         emit = lambda kind, **kw: self.emit(kind, pid, rollout_id=rollout, **kw)  # noqa: E731
         try:
-            if not self.store.has_version(pid):
-                emit(InstallEventKind.DOWNLOADING, progress=0.0)
-                last = [0.0]
-
-                def progress(fraction: float) -> None:
-                    if fraction - last[0] >= 0.1 or fraction >= 1.0:  # an event per 10 %
-                        last[0] = fraction
-                        emit(InstallEventKind.DOWNLOADING, progress=round(min(fraction, 1.0), 3))
-
-                package_path = fetch(desired, progress)
-                emit(InstallEventKind.DOWNLOADED)
-                opened = self.store.stage(pid, lambda staging: extract_package(package_path, staging,
-                                                                               self.trusted_keys))
-                emit(InstallEventKind.VERIFIED, extra={"signed_by": opened.signer})
-                emit(InstallEventKind.EXTRACTED)
-                with contextlib.suppress(OSError):
-                    package_path.unlink()
+            # A version folder is used only if it can be tied to the package id (its origin
+            # record); one left by an older agent or poisoned is fetched and verified again
+            # (`stage` replaces a folder that is neither active nor previous).
+            if not self.store.has_version(pid) or self._origin_problem(pid) is not None:
+                self._download_and_extract(statement, fetch, emit)
+                problem = self._origin_problem(pid)
+                if problem is not None:
+                    raise TrustError(f"version {pid[:12]} cannot be tied to its package id: {problem}")
             manifest = self._manifest(pid)
+            self._check_statement_matches(statement, manifest)
             self._check_target(manifest)
             selection = self._select(pid, manifest, cached=None)
             emit(InstallEventKind.SELECTED, table=[r.to_dict() for r in selection.table],
@@ -114,12 +129,74 @@ class Installer:
                         "from_cache": selection.from_cache})
             emit(InstallEventKind.HEALTH_CHECKED)
             self._activate(pid, manifest, selection, emit)
-            return True
+            return InstallOutcome.ACTIVE
+        except TransferStalledError as exc:
+            self.last_error = f"{pid[:12]}: {exc}"
+            emit(InstallEventKind.FAILED, reason=f"{exc} (will retry)", extra={"retry": True})
+            self._write_status()
+            return InstallOutcome.RETRY
         except EdgeError as exc:
             self.last_error = f"{pid[:12]}: {exc}"
             emit(InstallEventKind.FAILED, reason=str(exc))
             self._write_status()
-            return False
+            return InstallOutcome.FAILED
+
+    def _download_and_extract(self, statement: DeploymentStatement, fetch: FetchFn, emit: Callable[..., None]) -> None:
+        pid = statement.package_id
+        emit(InstallEventKind.DOWNLOADING, progress=0.0)
+        last = [0.0]
+
+        def progress(fraction: float) -> None:
+            if fraction - last[0] >= 0.1 or fraction >= 1.0:  # an event per 10 %
+                last[0] = fraction
+                emit(InstallEventKind.DOWNLOADING, progress=round(min(fraction, 1.0), 3))
+
+        package_path = fetch(statement, progress)
+        # The fetcher checked the whole file against the statement's sha256; check here too, at
+        # the point of use, since the fetch is a parameter (a cached or copied file must match).
+        digest = _sha256_file(package_path)
+        if digest != pid:
+            with contextlib.suppress(OSError):
+                package_path.unlink()
+            raise TrustError(f"mix-and-match refused: the package bytes hash to {digest[:12]}, "
+                             f"the statement names {pid[:12]}")
+        emit(InstallEventKind.DOWNLOADED)
+
+        def extract(staging: Path):
+            opened = extract_package(package_path, staging, self.trusted_keys)
+            origin = {"package_id": pid, "manifest_sha256": _sha256_file(staging / MANIFEST_NAME)}
+            with map_os_errors(f"write {staging / ORIGIN_NAME}"):
+                write_bytes_atomic(staging / ORIGIN_NAME, json.dumps(origin).encode())
+            return opened
+
+        opened = self.store.stage(pid, extract)
+        emit(InstallEventKind.VERIFIED, extra={"signed_by": opened.signer})
+        emit(InstallEventKind.EXTRACTED)
+        with contextlib.suppress(OSError):
+            package_path.unlink()
+
+    def _origin_problem(self, pid: str) -> str | None:
+        """Why versions/{pid} cannot be tied to package id ``pid`` (None: it can)."""
+        folder = self.store.install_dir(pid)
+        try:
+            origin = json.loads((folder / ORIGIN_NAME).read_bytes())
+            manifest_digest = _sha256_file(folder / MANIFEST_NAME)
+        except (OSError, ValueError) as exc:
+            return f"no readable {ORIGIN_NAME} ({type(exc).__name__})"
+        if not isinstance(origin, dict) or origin.get("package_id") != pid:
+            return f"{ORIGIN_NAME} names another package"
+        if origin.get("manifest_sha256") != manifest_digest:
+            return f"{MANIFEST_NAME} changed after it was verified"
+        return None
+
+    @staticmethod
+    def _check_statement_matches(statement: DeploymentStatement, manifest: Manifest) -> None:
+        """The signed statement and the signed manifest must name the same package."""
+        for field in ("name", "version", "target"):
+            said, got = getattr(statement, field), getattr(manifest, field)
+            if said != got:
+                raise TrustError(f"mix-and-match refused: the statement names {field} {said!r}, the package "
+                                 f"is {got!r}")
 
     def _activate(self, pid: str, manifest: Manifest, selection: Selection, emit: Callable[..., None]) -> None:
         old = self._serve(pid, manifest, selection)
@@ -233,3 +310,11 @@ class Installer:
         """`edge-agent status` reads this file, so it works whether or not the daemon runs."""
         with contextlib.suppress(OSError):
             write_text_atomic(self.status_path, json.dumps(self.status(), indent=1, default=str))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with map_os_errors(f"read {path}"), open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

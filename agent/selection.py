@@ -4,6 +4,12 @@ For every variant in the package and every provider the profile allows for it th
 has: open a session (a silent ORT fallback to another provider counts as unavailable), warm up,
 time runs within the candidate's share of the budget, rank by median (ties by profile order),
 then health-check in that order on the package's reference I/O; the first that passes wins.
+
+Every path the manifest names is resolved inside the version folder before it is opened (the
+manifest parser already refuses absolute and `..` paths; this is the second lock, and it also
+catches a symbolic link planted in the folder). Errors: a path out of the folder or unreadable
+reference data is a `PackageError`, a failing disk a `StorageError`, no usable candidate a
+`HealthCheckError`; nothing else leaves `select`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgesdk.benchmark import time_interleaved
-from edgesdk.errors import EdgeError, HealthCheckError, RuntimeUnavailableError
+from edgesdk.errors import EdgeError, HealthCheckError, PackageError, RuntimeUnavailableError, map_os_errors
 from edgesdk.manifest import Manifest
 from edgesdk.validation import health_check
 
@@ -84,16 +91,45 @@ def list_candidates(manifest: Manifest, available: dict[str, list[str]]) -> tupl
     return found, missing
 
 
+def path_inside(install_dir: Path, relative: str, what: str) -> Path:
+    """``install_dir / relative``, refused with PackageError unless it resolves inside ``install_dir``."""
+    root = Path(install_dir).resolve()
+    with map_os_errors(f"resolve {what} in {install_dir}"):
+        target = (root / relative).resolve()
+    if root not in target.parents:
+        raise PackageError(f"{install_dir}: {what} {relative!r} points outside the version folder")
+    return target
+
+
+# What np.load raises on a damaged or hostile .npz besides OSError (zip, header and pickle checks).
+_NPZ_ERRORS = (ValueError, zipfile.BadZipFile, EOFError, KeyError, IndexError, TypeError, OverflowError,
+               RecursionError, UnicodeError, NotImplementedError)
+
+
 def load_reference(install_dir: Path, manifest: Manifest) -> tuple[list[dict], list[dict]]:
     """The package's reference inputs and fp32 outputs, as lists of per-sample dicts."""
 
-    def unstack(path: Path) -> list[dict[str, np.ndarray]]:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+    def unstack(key: str) -> list[dict[str, np.ndarray]]:
+        relative = manifest.reference.get(key)
+        if not isinstance(relative, str):
+            raise PackageError(f"{install_dir}: the manifest names no reference {key}")
+        path = path_inside(install_dir, relative, f"reference.{key}")
+        try:
+            with map_os_errors(f"read {path}"), np.load(path, allow_pickle=False) as data:
+                arrays = {k: np.asarray(data[k]) for k in data.files}
+        except _NPZ_ERRORS as exc:
+            raise PackageError(f"{path}: unreadable reference {key} ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})") from None
+        except AttributeError:  # a plain .npy holds one array, not named samples
+            raise PackageError(f"{path}: reference {key} is not an .npz of named arrays") from None
+        if not arrays or any(a.ndim == 0 for a in arrays.values()):
+            raise PackageError(f"{path}: reference {key} has no samples (empty, or a scalar array)")
         count = min(a.shape[0] for a in arrays.values())
+        if count == 0:
+            raise PackageError(f"{path}: reference {key} has no samples")
         return [{k: a[i] for k, a in arrays.items()} for i in range(count)]
 
-    return unstack(install_dir / manifest.reference["inputs"]), unstack(install_dir / manifest.reference["outputs"])
+    return unstack("inputs"), unstack("outputs")
 
 
 def cache_key(package_id: str, hardware_fingerprint: str, runtime_versions: dict[str, str]) -> str:
@@ -102,7 +138,8 @@ def cache_key(package_id: str, hardware_fingerprint: str, runtime_versions: dict
 
 
 def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int | None) -> Any:
-    return factory(install_dir / c.file, c.runtime, c.provider, options=c.runtime_options, threads=threads)
+    path = path_inside(install_dir, c.file, f"variant {c.variant} file")
+    return factory(path, c.runtime, c.provider, options=c.runtime_options, threads=threads)
 
 
 def _health(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict], ref_out: list[dict]) -> tuple[bool, str]:
@@ -123,6 +160,10 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
     if session_factory is None:
         from edgesdk.runtime import open_session as session_factory  # lazy: imports onnxruntime
     candidates, missing = list_candidates(manifest, available)
+    # Refuse a package that points out of its folder before any runtime opens anything.
+    for variant in manifest.variants:
+        for relative in dict.fromkeys([variant.file, *variant.files]):
+            path_inside(install_dir, relative, f"variant {variant.id} file")
     if not candidates:
         raise HealthCheckError(f"no variant of {manifest.name} {manifest.version} can run here: the package needs "
                                + ", ".join(sorted({f"{m['runtime']}:{m['provider']}" for m in missing})))
@@ -131,6 +172,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         hit = next((c for c in candidates if (c.variant, c.runtime, c.provider)
                     == (cached.get("variant"), cached.get("runtime"), cached.get("provider"))), None)
         if hit is not None:
+            session = None
             try:
                 session = _open(session_factory, install_dir, hit, threads)
                 ok, _ = _health(session, manifest, hit, ref_in, ref_out)
@@ -139,8 +181,11 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
                     table += [CandidateResult(c, "not_checked", detail="cached decision") for c in candidates if c != hit]
                     return Selection(hit, session, table, key, from_cache=True)
                 session.close()
-            except EdgeError:
-                pass
+            except PackageError:
+                raise  # the package itself is hostile or broken: no fresh selection can help
+            except Exception:  # a runtime raises its own types too; any failure means select afresh
+                if session is not None:
+                    session.close()
     results = [CandidateResult(c) for c in candidates]
     sessions: dict[Candidate, Any] = {}
     for res in results:

@@ -11,6 +11,10 @@ what ext4/f2fs on an SD card handle.
 
 Delivery is at-least-once: ``ack`` does not fsync the folder, so after a power cut an acked
 window may come back and be published again; the collector de-duplicates on (device, seq).
+
+Errors: a failing disk (full, read-only, I/O error) is a `StorageError` from `map_os_errors`; a
+corrupt ``spool-state.json`` is a one-line `ConfigError`. Nothing else leaves this module, so the
+daemon's telemetry loop can report and go on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgesdk.atomicfile import write_bytes_atomic
-from edgesdk.errors import ConfigError
+from edgesdk.errors import ConfigError, map_os_errors
 
 STATE_NAME = "spool-state.json"
 _ENTRY = re.compile(r"^(\d{20})\.json$")
@@ -63,17 +67,18 @@ class TelemetrySpool:
         self._clock = clock
         self._lock = threading.Lock()  # guards the index and the drop counter
         self._flush_lock = threading.Lock()  # one flush at a time, so nothing is published twice
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._dropped = self._load_dropped()
-        self._sizes: dict[int, int] = {}
-        for entry in os.scandir(self._dir):
-            match = _ENTRY.match(entry.name)
-            if match:
-                self._sizes[int(match.group(1))] = entry.stat().st_size
-            elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                # a temp file from a write cut short by a crash; the window it held was never appended
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        with map_os_errors(f"open telemetry spool {self._dir}"):
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dropped = self._load_dropped()
+            self._sizes: dict[int, int] = {}
+            for entry in os.scandir(self._dir):
+                match = _ENTRY.match(entry.name)
+                if match and entry.is_file(follow_symlinks=False):
+                    self._sizes[int(match.group(1))] = entry.stat(follow_symlinks=False).st_size
+                elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    # a temp file from a write cut short by a crash; the window it held was never appended
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
         self._order = sorted(self._sizes)
         self._bytes = sum(self._sizes.values())
         # Windows already too many for (smaller) new limits are trimmed at the next append.
@@ -83,18 +88,22 @@ class TelemetrySpool:
     def _load_dropped(self) -> int:
         path = self._dir / STATE_NAME
         try:
-            data = json.loads(path.read_bytes())
+            raw = path.read_bytes()  # the caller maps any other OSError
         except FileNotFoundError:
             return 0
-        except ValueError:
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5000-digit number, 100 000 '['
             raise ConfigError(f"{path}: spool state is not valid JSON") from None
         dropped = data.get("dropped") if isinstance(data, dict) else None
-        if isinstance(dropped, bool) or not isinstance(dropped, int) or dropped < 0:
-            raise ConfigError(f"{path}: 'dropped' must be a non-negative integer, got {dropped!r}")
+        if isinstance(dropped, bool) or not isinstance(dropped, int) or not 0 <= dropped < 2 ** 63:
+            raise ConfigError(f"{path}: 'dropped' must be an integer in 0..2**63-1, got {str(dropped)[:40]!r}")
         return dropped
 
     def _save_dropped(self) -> None:
-        write_bytes_atomic(self._dir / STATE_NAME, json.dumps({"dropped": self._dropped}).encode())
+        path = self._dir / STATE_NAME
+        with map_os_errors(f"write {path}"):
+            write_bytes_atomic(path, json.dumps({"dropped": self._dropped}).encode())
 
     def _path(self, seq: int) -> Path:
         return self._dir / f"{seq:020d}.json"
@@ -122,10 +131,12 @@ class TelemetrySpool:
 
     def read(self, seq: int) -> bytes | None:
         """The payload spooled as ``seq``; None if it was acked or dropped meanwhile."""
-        try:
-            return self._path(seq).read_bytes()
-        except FileNotFoundError:
-            return None
+        path = self._path(seq)
+        with map_os_errors(f"read {path}"):
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:  # caught before map_os_errors sees it: not a disk failure
+                return None
 
     # -- changes ----------------------------------------------------------------------------------
 
@@ -154,11 +165,11 @@ class TelemetrySpool:
                 self._dropped += len(victims)
                 self._save_dropped()
                 for old in victims:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._path(old))
+                    self._unlink(self._path(old))
                     self._bytes -= self._sizes.pop(old)
-                del self._order[:len(victims)]
-            write_bytes_atomic(self._path(seq), payload)
+                    self._order.remove(old)
+            with map_os_errors(f"write {self._path(seq)}"):
+                write_bytes_atomic(self._path(seq), payload)
             self._order.append(seq)
             self._sizes[seq] = size
             self._bytes += size
@@ -172,9 +183,13 @@ class TelemetrySpool:
                 return False
             self._order.remove(seq)  # almost always the first element
             self._bytes -= size
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(seq))
+            self._unlink(self._path(seq))
             return True
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        with map_os_errors(f"remove {path}"), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def flush(self, publish_fn: Callable[[bytes], bool], timeout_s: float) -> FlushResult:
         """Publish pending windows oldest first, acking each that ``publish_fn`` confirms (True).

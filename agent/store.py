@@ -10,6 +10,9 @@ Each step that changes what is installed is one atomic rename (a folder, or acti
 to a temp file, fsynced, renamed, folder fsynced), so an agent killed at any point restarts, after
 `recover()`, into the old version or the new one, never a half-written one. `checkpoint` names
 each point between steps; tests use it to kill a real process exactly there.
+
+Every file operation is inside `map_os_errors`: a full or read-only disk is a `StorageError`
+(an EdgeError the installer reports), never a bare OSError that ends the install thread.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from edgesdk.atomicfile import atomic_writer, fsync_dir
-from edgesdk.errors import InstallError, PackageError
+from edgesdk.errors import InstallError, PackageError, map_os_errors
 from edgesdk.manifest import MANIFEST_NAME, Manifest
 
 T = TypeVar("T")
@@ -42,6 +46,33 @@ SELECTION_KEYS = ("variant", "runtime", "provider")
 # The named points between steps, in order, for fault-injection tests.
 CHECKPOINTS = ("before-extract", "after-extract", "after-rename", "before-replace", "after-replace",
                "trash-renamed")
+
+
+RecoveryKind = Literal["rolled_back", "abandoned_install", "deactivated", "forgot_previous", "state_reset",
+                      "cleaned"]
+
+
+@dataclass(frozen=True)
+class RecoveryNote:
+    """One thing `VersionStore.recover()` did, for the installer to report.
+
+    kind:
+      rolled_back        the active version was unusable; the previous one is active again
+      abandoned_install  an install a crash interrupted was removed (``package_id``: the one being installed)
+      deactivated        the active version was unusable and there was no previous one: nothing is active
+      forgot_previous    the previous version was unusable and is no longer kept as a fallback
+      state_reset        active.json was corrupt: moved aside, started with no active version
+      cleaned            a leftover of an interrupted delete or state write was removed (housekeeping)
+    ``package_id`` is the version the note is about (for rolled_back/deactivated the unusable one,
+    not the one now active); "" where no version is concerned. ``reason`` is one line.
+    """
+
+    kind: RecoveryKind
+    package_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def check_package_id(package_id: str) -> str:
@@ -62,7 +93,8 @@ class VersionStore:
         self._clock = clock
         self._checkpoint = checkpoint or (lambda name: None)
         self._lock = threading.RLock()  # one mutation at a time; readers need none (atomic renames)
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        with map_os_errors(f"create {self.versions_dir}"):
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
 
     # -- reading -------------------------------------------------------------------------------
     def install_dir(self, package_id: str) -> Path:
@@ -75,17 +107,22 @@ class VersionStore:
     def version_problem(self, package_id: str) -> str | None:
         """Why the installed version is unusable (sizes only: hashing GBs at every boot is too slow)."""
         folder = self.install_dir(package_id)
-        if not folder.is_dir():
-            return "its folder is missing"
         try:
+            if not folder.is_dir():
+                return "its folder is missing"
             manifest = Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes())
         except FileNotFoundError:
             return f"it has no {MANIFEST_NAME}"
-        except (OSError, PackageError) as exc:
+        except OSError as exc:
+            return f"its {MANIFEST_NAME} is unreadable ({exc.strerror or type(exc).__name__})"
+        except PackageError as exc:
             return f"its {MANIFEST_NAME} is unreadable ({exc})"
         for name, entry in manifest.files.items():
             try:
-                size = (folder / name).stat().st_size
+                path = folder / name
+                if path.is_symlink():  # extraction writes regular files only: a link was planted
+                    return f"{name} is a symbolic link"
+                size = path.stat().st_size
             except OSError:
                 return f"{name} is missing"
             if size != entry.size:
@@ -93,8 +130,9 @@ class VersionStore:
         return None
 
     def installed(self) -> list[str]:
-        return sorted(p.name for p in self.versions_dir.iterdir()
-                      if p.is_dir() and PACKAGE_ID.fullmatch(p.name) and not p.name.endswith(PARTIAL))
+        with map_os_errors(f"list {self.versions_dir}"):
+            return sorted(p.name for p in self.versions_dir.iterdir()
+                          if p.is_dir() and PACKAGE_ID.fullmatch(p.name) and not p.name.endswith(PARTIAL))
 
     def active(self) -> dict[str, Any] | None:
         return self._read_state()["active"]
@@ -112,7 +150,7 @@ class VersionStore:
         """
         final = self.install_dir(package_id)
         staging = final.with_name(final.name + PARTIAL)
-        with self._lock:
+        with self._lock, map_os_errors(f"install {package_id} into {self.versions_dir}"):
             self._discard(staging)
             staging.mkdir()
             self._checkpoint("before-extract")
@@ -122,7 +160,9 @@ class VersionStore:
                     raise InstallError(f"package {package_id}: extraction left no {MANIFEST_NAME}")
                 fsync_dir(staging)
             except BaseException:
-                self._discard(staging)
+                # Cleanup must not hide why the install failed; recover() removes what is left.
+                with contextlib.suppress(OSError):
+                    self._discard(staging)
                 raise
             self._checkpoint("after-extract")
             in_use = {r["package_id"] for r in (self.active(), self.previous()) if r}
@@ -141,7 +181,7 @@ class VersionStore:
         for key in SELECTION_KEYS:
             if not isinstance(selection.get(key), str):
                 raise InstallError(f"activate {package_id}: selection needs a string {key!r}")
-        with self._lock:
+        with self._lock, map_os_errors(f"activate {package_id} in {self.data_dir}"):
             problem = self.version_problem(package_id)
             if problem:
                 raise InstallError(f"cannot activate {package_id}: {problem}")
@@ -154,7 +194,7 @@ class VersionStore:
 
     def rollback(self) -> dict[str, Any]:
         """Swap active and previous; raise InstallError (nothing changed) when there is no usable previous."""
-        with self._lock:
+        with self._lock, map_os_errors(f"roll back in {self.data_dir}"):
             state = self._read_state()
             previous = state["previous"]
             if previous is None:
@@ -171,7 +211,7 @@ class VersionStore:
         and stray staging/trash folders. Returns the package ids removed. Not concurrent with stage()."""
         if keep < 1:
             raise InstallError(f"gc: keep must be >= 1, got {keep}")
-        with self._lock:
+        with self._lock, map_os_errors(f"remove old versions from {self.versions_dir}"):
             state = self._read_state()
             kept = [r["package_id"] for r in (state["active"], state["previous"]) if r][:keep]
             others = sorted((v for v in self.installed() if v not in kept),
@@ -185,34 +225,48 @@ class VersionStore:
             self._clean_leftovers()
             return removed
 
-    def recover(self) -> list[str]:
+    def recover(self) -> list[RecoveryNote]:
         """Run at start: clear leftovers of an interrupted install, and make sure the active
-        version is complete (else fall back to previous). Returns what was done, as sentences."""
-        with self._lock:
-            report = [f"removed unfinished {name}" for name in self._clean_leftovers()]
+        version is complete (else fall back to previous). Returns what was done, as records."""
+        with self._lock, map_os_errors(f"recover {self.data_dir}"):
+            report = [self._leftover_note(name) for name in self._clean_leftovers()]
             try:
                 state = self._read_state()
             except InstallError as exc:
                 broken = self.state_path.with_name(f"{STATE_NAME}.corrupt-{int(self._clock())}")
                 os.replace(self.state_path, broken)
-                report.append(f"{exc}; moved it to {broken.name} and started with no active version")
+                report.append(RecoveryNote("state_reset", "", f"{exc}; moved it to {broken.name} and started "
+                                                              "with no active version"))
                 state = {"active": None, "previous": None}
             active, previous = state["active"], state["previous"]
             if previous and (problem := self.version_problem(previous["package_id"])):
-                report.append(f"previous version {previous['package_id']} is unusable ({problem}); forgot it")
+                report.append(RecoveryNote("forgot_previous", previous["package_id"],
+                                           f"previous version {previous['package_id']} is unusable ({problem}); "
+                                           "forgot it"))
                 previous = None
             if active and (problem := self.version_problem(active["package_id"])):
                 if previous:
-                    report.append(f"active version {active['package_id']} is unusable ({problem}); "
-                                  f"fell back to previous version {previous['package_id']}")
+                    report.append(RecoveryNote("rolled_back", active["package_id"],
+                                               f"active version {active['package_id']} is unusable ({problem}); "
+                                               f"fell back to previous version {previous['package_id']}"))
                     active, previous = {**previous, "activated_at": self._now()}, None
                 else:
-                    report.append(f"active version {active['package_id']} is unusable ({problem}) "
-                                  "and there is no previous version; nothing is active")
+                    report.append(RecoveryNote("deactivated", active["package_id"],
+                                               f"active version {active['package_id']} is unusable ({problem}) "
+                                               "and there is no previous version; nothing is active"))
                     active = None
             if (active, previous) != (state["active"], state["previous"]):
                 self._write_state(active, previous)
             return report
+
+    @staticmethod
+    def _leftover_note(name: str) -> RecoveryNote:
+        """``{id}.partial`` is an install a crash cut short; trash and temp files are housekeeping."""
+        if name.endswith(PARTIAL) and not name.startswith((TRASH, ".")):
+            package_id = name[:-len(PARTIAL)]
+            return RecoveryNote("abandoned_install", package_id,
+                                f"removed unfinished {name}: the install of {package_id} was interrupted")
+        return RecoveryNote("cleaned", "", f"removed unfinished {name}")
 
     # -- internals -----------------------------------------------------------------------------
     def _now(self) -> str:
@@ -220,9 +274,12 @@ class VersionStore:
             "+00:00", "Z")
 
     def _read_state(self) -> dict[str, Any]:
-        try:
-            raw = self.state_path.read_bytes()
-        except FileNotFoundError:
+        with map_os_errors(f"read {self.state_path}"):
+            try:
+                raw = self.state_path.read_bytes()
+            except FileNotFoundError:  # caught before map_os_errors sees it: no state yet
+                raw = None
+        if raw is None:
             return {"active": None, "previous": None}
         try:
             data = json.loads(raw)
@@ -233,8 +290,12 @@ class VersionStore:
                 if record is not None and not (isinstance(record, dict)
                                                and isinstance(record.get("package_id"), str)):
                     raise ValueError("a record without package_id")
+                if record is not None and not PACKAGE_ID.fullmatch(record["package_id"]):
+                    raise ValueError("a record with an invalid package_id")
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise InstallError(f"{self.state_path}: corrupt state file ({exc})") from None
+            raise InstallError(f"{self.state_path}: corrupt state file ({' '.join(str(exc).split())[:200]})") from None
+        except RecursionError:  # json.loads on thousands of nested brackets
+            raise InstallError(f"{self.state_path}: corrupt state file (nested too deeply)") from None
         return state
 
     def _write_state(self, active: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:

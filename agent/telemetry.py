@@ -18,6 +18,9 @@ Semantics of a window (what a fleet collector reads):
   (`histogram_of` rebuilds the histogram from a received window).
 
 The window is `edgesdk.protocol.TelemetryWindow`, the message published as is.
+
+Errors: the seq state file is read and written inside `map_os_errors` (a full disk is a
+`StorageError`); a corrupt one is a one-line `ConfigError`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from agent.histogram import SCHEME_ID, SCHEME_VERSION, IncompatibleHistogramError, LatencyHistogram
 from edgesdk.atomicfile import write_bytes_atomic
-from edgesdk.errors import ConfigError
+from edgesdk.errors import ConfigError, map_os_errors
 from edgesdk.protocol import TelemetryWindow
 
 SCHEME = f"{SCHEME_ID}/{SCHEME_VERSION}"
@@ -83,7 +86,8 @@ class LatencyRecorder:
                  probe: Callable[[], ProcessStats] | None = None, emit_empty: bool = True,
                  min_seq: int = 0) -> None:
         self._state_path = Path(state_path)
-        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        with map_os_errors(f"create {self._state_path.parent}"):
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._probe = probe if probe is not None else psutil_probe()
         self._emit_empty = emit_empty
@@ -100,17 +104,20 @@ class LatencyRecorder:
         self._last: TelemetryWindow | None = None
 
     def _load_seq(self) -> int:
-        try:
-            raw = self._state_path.read_bytes()
-        except FileNotFoundError:
-            return 0
+        with map_os_errors(f"read {self._state_path}"):
+            try:
+                raw = self._state_path.read_bytes()
+            except FileNotFoundError:  # caught before map_os_errors sees it: a first start
+                return 0
         try:
             data = json.loads(raw)
             seq = data["next_seq"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             raise ConfigError(f"{self._state_path}: telemetry state is not valid JSON with 'next_seq'") from None
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise ConfigError(f"{self._state_path}: 'next_seq' must be a non-negative integer, got {seq!r}")
+        # Spool files are named by a 20-digit seq, so anything from 2**63 on is corrupt too.
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2 ** 63:
+            raise ConfigError(f"{self._state_path}: 'next_seq' must be an integer in 0..2**63-1, "
+                              f"got {str(seq)[:40]!r}")
         return seq
 
     @property
@@ -165,8 +172,11 @@ class LatencyRecorder:
             seq = self._next_seq
             self._next_seq = seq + 1
         # Persist before the window leaves this object: a crash after it is published must not
-        # reuse the seq. One small fsynced write per window (once a minute) costs nothing.
-        write_bytes_atomic(self._state_path, json.dumps({"version": STATE_VERSION, "next_seq": seq + 1}).encode())
+        # reuse the seq. One small fsynced write per window (once a minute) costs nothing. On a
+        # failing disk the window is lost (StorageError) but its seq stays used, so none repeats.
+        with map_os_errors(f"write {self._state_path}"):
+            write_bytes_atomic(self._state_path,
+                               json.dumps({"version": STATE_VERSION, "next_seq": seq + 1}).encode())
         stats = self._probe()
         window = TelemetryWindow(
             seq=seq, window_start=start, window_end=max(end, start),  # a wall clock stepped back

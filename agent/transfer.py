@@ -10,6 +10,15 @@ Files under ``{data_dir}/downloads/`` for package id P:
 A broker restart, a dropped connection or an agent restart therefore costs only the blocks that
 were in flight (at most ``window``) plus those written since the last checkpoint.
 
+The blocks topic is readable by more than the repository in a misconfigured fleet, so any reply
+may be hostile: a bad or error reply never fails a fetch at once. It marks that one request as
+failed and the blocks are asked for again after a jittered exponential backoff; the genuine reply,
+which usually follows, is still accepted meanwhile (every block is verified against the index, so
+who sent it does not matter). Only ``max_retries`` failed attempts at the same block fail the
+fetch. A fetch that makes no progress (``stall_timeout_s``), is too slow (``min_rate_bps``) or too
+long (``deadline_s``) raises `TransferStalledError` and keeps its data for the next try; a refused
+one (size over the cap, whole-file sha256 mismatch, an index that never matches) deletes it.
+
 One module on purpose, a little over the usual size: the request window and the durable record
 share one invariant (a block is claimed only after its bytes were fsynced), easier kept in one place.
 """
@@ -17,10 +26,13 @@ share one invariant (a block is claimed only after its bytes were fsynced), easi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -34,11 +46,14 @@ from paho.mqtt.properties import Properties
 
 from edgesdk import protocol
 from edgesdk.atomicfile import fsync_dir, write_bytes_atomic
-from edgesdk.errors import ProtocolError, TransferError
+from edgesdk.errors import ConfigError, ProtocolError, TransferError, TransferStalledError, map_os_errors
 from edgesdk.package import sha256_file
-from edgesdk.protocol import INDEX_BLOCK, BlockRequest, BlockResponse, BlockStatus, DesiredDeployment
+from edgesdk.protocol import INDEX_BLOCK, BlockRequest, BlockResponse, BlockStatus
 
+log = logging.getLogger(__name__)
 MAX_WAIT_S = 0.25  # longest single wait, so an injected clock is re-read often enough
+NONCE_BYTES = 8
+SUFFIXES = (".part", ".index", ".blocks", ".edgepkg")  # a package's files under downloads/
 
 
 class MqttClient(Protocol):
@@ -50,6 +65,62 @@ class MqttClient(Protocol):
                 properties: Properties | None = ...) -> Any: ...
     def message_callback_add(self, sub: str, callback: Callable[..., None]) -> None: ...
     def message_callback_remove(self, sub: str) -> None: ...
+
+
+class TransferSpec(Protocol):
+    """What the fetcher needs to know about a package: the fields of the (signed) deployment
+    statement. `DesiredDeployment` has them; so does the signed `DeploymentStatement` (where
+    ``sha256`` is the package id). ``size`` is the most the fetcher will ever accept."""
+
+    @property
+    def package_id(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def blocks_digest(self) -> str: ...
+    @property
+    def block_count(self) -> int: ...
+    def block_length(self, index: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """Deadlines and limits of a fetch, as values (httpx's Timeout/Limits); tests inject small ones.
+
+    The rate rule is what abandons a trickle: a repository (or an attacker in its place) that
+    sends one block every few seconds never trips ``stall_timeout_s`` but would hold the install
+    worker for hours. Abandoning costs nothing lasting: the data stays and the next try resumes.
+    """
+
+    stall_timeout_s: float = 20.0  # no verified block for this long: TransferStalledError
+    request_timeout_s: float = 5.0  # no reply for this long: ask the outstanding blocks again
+    deadline_s: float = 3 * 3600.0  # one fetch, whatever its progress: TransferStalledError
+    # 32 KiB/s = 256 kbit/s, a poor mobile link; slower fetches are abandoned and resumed later.
+    min_rate_bps: float = 32 * 1024  # verified bytes per second over rate_window_s ...
+    rate_window_s: float = 60.0  # ... a sliding window (>= a few blocks at min_rate_bps) ...
+    grace_s: float = 30.0  # ... checked from this long after the fetch began
+    max_retries: int = 3  # failed attempts at one block (bad block, error reply) before failing
+    retry_base_s: float = 0.5  # backoff after a failed attempt n: base * 2**(n-1), capped, ...
+    retry_max_s: float = 8.0  # ... then drawn from [half, all] of that (jitter)
+    max_package_bytes: int = 16 * 1024**3  # the device's own ceiling, whatever a statement says
+
+    def __post_init__(self) -> None:
+        for name in ("stall_timeout_s", "request_timeout_s", "deadline_s", "rate_window_s", "retry_max_s",
+                     "max_package_bytes"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"transfer limit {name} must be positive, got {getattr(self, name)!r}")
+        for name in ("min_rate_bps", "grace_s", "retry_base_s", "max_retries"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"transfer limit {name} must not be negative, got {getattr(self, name)!r}")
+
+    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+        """Wait before attempt ``attempt + 1``: exponential, capped, with 'equal jitter'."""
+        top = min(self.retry_max_s, self.retry_base_s * 2 ** max(0, attempt - 1))
+        return top * rng.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -65,11 +136,14 @@ class TransferStats:
     blocks_total: int = 0
     blocks_fetched: int = 0  # blocks received, verified and written by this fetch
     blocks_refetched: int = 0  # distinct blocks asked for more than once (lost reply, reconnect, corrupt)
-    corrupt_blocks: int = 0  # replies that failed verification (length or digest)
+    corrupt_blocks: int = 0  # replies that failed verification (length, digest or framing)
+    error_replies: int = 0  # NOT_FOUND / BAD_REQUEST / OUT_OF_RANGE replies (retried after backoff)
+    retries: int = 0  # requests re-sent after a backoff (bad or error reply)
     resumed_from: int = 0  # verified blocks already on disk when the fetch began
     requests_sent: int = 0
     requests_reissued: int = 0
     duplicates: int = 0  # replies for blocks not outstanding (late, or resent by the broker)
+    dropped_replies: int = 0  # replies too large for this package, or past the inbox bound
     bytes_received: int = 0
     elapsed_s: float = 0.0
 
@@ -78,13 +152,16 @@ class TransferStats:
 class _Ask:
     sent_at: float
     info: Any  # paho MQTTMessageInfo of the request
+    seq: int  # the request's number in the correlation data
+    retry_at: float | None = None  # set when a bad or error reply came: ask again then
 
 
 @dataclass
 class _Transfer:
     """State of one fetch, touched only by the fetching thread."""
 
-    desired: DesiredDeployment
+    spec: TransferSpec
+    block_count: int
     fd: int
     paths: dict[str, Path]
     started: float
@@ -94,17 +171,22 @@ class _Transfer:
     missing: deque[int] = field(default_factory=deque)
     outstanding: dict[int, _Ask] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
+    reasons: dict[int, list[str]] = field(default_factory=dict)
     asked: set[int] = field(default_factory=set)
+    arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # (time, verified bytes)
+    arrived_bytes: int = 0  # the sum over ``arrivals``
     done_count: int = 0
     unsaved: int = 0
-    not_found: int = 0
 
     @property
     def id12(self) -> str:
-        return self.desired.package_id[:12]
+        return self.spec.package_id[:12]
 
     def blocks_done(self) -> int:
         return self.done_count
+
+    def block_length(self, block: int) -> int:
+        return min(self.spec.block_size, self.spec.size - block * self.spec.block_size)
 
 
 class PackageFetcher:
@@ -116,27 +198,35 @@ class PackageFetcher:
     `on_connected()` from its ``on_connect`` so a reconnect re-subscribes and re-issues requests
     lost with the broker; without that, requests are re-issued after ``request_timeout_s`` anyway.
     One fetch at a time; `cancel()` from another thread stops it (partial data kept).
+
+    ``limits`` holds the deadlines; any `TransferLimits` field may also be given as a keyword
+    (``stall_timeout_s=3``) and replaces that one value.
     """
 
     def __init__(self, client: MqttClient, fleet: str, device_id: str, data_dir: str | Path, *,
-                 clock: Callable[[], float] = time.monotonic, window: int = 32,
-                 stall_timeout_s: float = 20.0, request_timeout_s: float = 5.0, max_retries: int = 3,
-                 checkpoint_every: int = 32, max_package_bytes: int = 16 * 1024**3) -> None:
+                 limits: TransferLimits | None = None, clock: Callable[[], float] = time.monotonic,
+                 window: int = 32, checkpoint_every: int = 32, rng: random.Random | None = None,
+                 **limit_overrides: Any) -> None:
         self.client = client
         self.fleet = protocol.check_name(fleet, "fleet")
         self.device_id = protocol.check_name(device_id, "device id")
         self.downloads = Path(data_dir) / "downloads"
+        try:
+            self.limits = dataclasses.replace(limits or TransferLimits(), **limit_overrides)
+        except TypeError as exc:
+            raise ConfigError(f"PackageFetcher: {exc}") from None
         self.clock = clock
+        self.rng = rng or random.Random()
         self.window = max(1, window)
         self.per_request = min(self.window, 16)  # the repository's default cap per request
-        self.stall_timeout_s = stall_timeout_s
-        self.request_timeout_s = request_timeout_s
-        self.max_retries = max_retries
         self.checkpoint_every = max(1, checkpoint_every)
-        self.max_package_bytes = max_package_bytes
         self.reply_topic = protocol.device_blocks(fleet, device_id)
         self._cond = threading.Condition()
-        self._inbox: deque[bytes] = deque()
+        self._inbox: deque[tuple[int, bytes]] = deque()
+        self._inbox_bytes = 0
+        self._max_reply = 0  # largest reply this package can have (header + block or index)
+        self._max_inbox = 0
+        self._dropped = 0
         self._nonce = b""
         self._current = ""
         self._active = False
@@ -149,7 +239,7 @@ class PackageFetcher:
     @property
     def stats(self) -> TransferStats:
         """Counters of the current or last fetch."""
-        return TransferStats(**self._counts, blocks_refetched=len(self._refetched))
+        return TransferStats(**self._counts, blocks_refetched=len(self._refetched), dropped_replies=self._dropped)
 
     def _count(self, name: str, by: float = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + by
@@ -171,63 +261,121 @@ class PackageFetcher:
             self._cond.notify_all()
 
     def _on_message(self, client: object, userdata: object, msg: Any) -> None:
-        correlation = getattr(msg.properties, "CorrelationData", b"") or b""
-        with self._cond:
-            if self._active and correlation[:len(self._nonce)] == self._nonce:
-                self._inbox.append(msg.payload)
+        # paho's network thread: nothing a peer sends may raise out of here (it would kill the loop).
+        try:
+            correlation = getattr(msg.properties, "CorrelationData", b"") or b""
+            payload = msg.payload
+            with self._cond:
+                if not self._active or correlation[:NONCE_BYTES] != self._nonce:
+                    return
+                if len(payload) > self._max_reply or self._inbox_bytes + len(payload) > self._max_inbox:
+                    self._dropped += 1  # never buffer more than this package can need
+                    return
+                seq = int.from_bytes(correlation[NONCE_BYTES:], "big") if len(correlation) == 16 else -1
+                self._inbox.append((seq, payload))
+                self._inbox_bytes += len(payload)
                 self._cond.notify_all()
+        except Exception:
+            log.exception("transfer: dropped an unreadable reply on %s", self.reply_topic)
 
-    def discard_partials(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
-        """Delete partial downloads of packages not in ``keep`` (superseded deployments); count them."""
-        removed, busy = 0, self._current if self._active else None
-        for path in self.downloads.glob("*.part"):
-            if path.stem not in keep and path.stem != busy:
-                for suffix in (".part", ".index", ".blocks"):
-                    path.with_suffix(suffix).unlink(missing_ok=True)
-                removed += 1
-        return removed
+    # -- download files --------------------------------------------------------------------------
+    def discard(self, package_id: str) -> None:
+        """Delete every download file of ``package_id`` (refuses while that package is being fetched)."""
+        protocol.check_package_id(package_id)
+        with self._cond:
+            if self._active and self._current == package_id:
+                raise TransferError(f"cannot discard {package_id[:12]}: it is being fetched")
+        self._delete_files(package_id)
+
+    def prune(self, keep: set[str] | frozenset[str]) -> int:
+        """Delete the download files of every package id not in ``keep`` (abandoned or superseded
+        downloads, finished packages no longer wanted, temp files of a crash); the package being
+        fetched is always kept. Returns how many package ids lost files."""
+        with self._cond:
+            busy = self._current if self._active else None
+        removed: set[str] = set()
+        with map_os_errors(f"prune {self.downloads}"):
+            if not self.downloads.is_dir():
+                return 0
+            for path in self.downloads.iterdir():
+                # a.part, a.blocks, ... and atomic writes' temp files (.a.blocks.XYZ.tmp)
+                package_id = path.name.lstrip(".").split(".", 1)[0]
+                if protocol.is_sha256_hex(package_id) and package_id not in keep and package_id != busy:
+                    path.unlink(missing_ok=True)
+                    removed.add(package_id)
+        return len(removed)
+
+    def _delete_files(self, package_id: str) -> None:
+        with map_os_errors(f"delete downloads of {package_id[:12]}"):
+            if not self.downloads.is_dir():
+                return
+            for path in self.downloads.glob(f"*{package_id}.*"):
+                if path.name.lstrip(".").split(".", 1)[0] == package_id:
+                    path.unlink(missing_ok=True)
+
+    def _refuse(self, package_id: str, message: str) -> TransferError:
+        """A non-resumable failure: what was downloaded is useless, so delete it."""
+        with contextlib.suppress(Exception):
+            self._delete_files(package_id)
+        return TransferError(message)
 
     # -- the fetch -------------------------------------------------------------------------------
-    def fetch(self, desired: DesiredDeployment, progress_cb: Callable[[Progress], None] | None = None) -> Path:
-        """Fetch ``desired`` into downloads/{package_id}.edgepkg (verified) and return its path."""
-        if desired.size > self.max_package_bytes:
-            raise TransferError(f"transfer of {desired.package_id[:12]} refused: {desired.size} bytes "
-                                f"exceeds the limit of {self.max_package_bytes}")
+    def fetch(self, spec: TransferSpec, progress_cb: Callable[[Progress], None] | None = None) -> Path:
+        """Fetch ``spec`` into downloads/{package_id}.edgepkg (verified) and return its path.
+
+        Raises TransferStalledError when the repository is silent, too slow or past the deadline
+        (partial data kept for resume) and TransferError when the fetch failed or was refused.
+        """
+        if not protocol.is_sha256_hex(spec.package_id):  # it names files: no path tricks
+            raise TransferError(f"transfer refused: invalid package id {spec.package_id!r}")
+        id12 = spec.package_id[:12]
+        if not isinstance(spec.size, int) or spec.size <= 0 or spec.size > self.limits.max_package_bytes:
+            raise self._refuse(spec.package_id, f"transfer of {id12} refused: {spec.size} bytes exceeds the "
+                               f"limit of {self.limits.max_package_bytes}")
+        if not protocol.MIN_BLOCK_SIZE <= spec.block_size <= protocol.MAX_BLOCK_SIZE:
+            raise self._refuse(spec.package_id, f"transfer of {id12} refused: block size {spec.block_size}")
+        block_count = -(-spec.size // spec.block_size)
         self.downloads.mkdir(parents=True, exist_ok=True)
-        final = self.downloads / f"{desired.package_id}.edgepkg"
-        self._counts, self._refetched = {"blocks_total": desired.block_count}, set()
+        final = self.downloads / f"{spec.package_id}.edgepkg"
+        self._counts, self._refetched = {"blocks_total": block_count}, set()
         if final.exists():
-            if sha256_file(final) == desired.sha256:
-                self._counts["resumed_from"] = desired.block_count
+            if final.stat().st_size == spec.size and sha256_file(final) == spec.sha256:
+                self._counts["resumed_from"] = block_count
                 return final
             final.unlink()
         with self._cond:
             if self._active:
                 raise TransferError("a package transfer is already running on this fetcher")
             self._active, self._reconnected, self._cancelled = True, False, False
-            self._current = desired.package_id
-            self._nonce = os.urandom(8)
+            self._current = spec.package_id
+            self._nonce = os.urandom(NONCE_BYTES)
             self._inbox.clear()
+            self._inbox_bytes, self._dropped = 0, 0
+            self._max_reply = protocol.HEADER_SIZE + max(spec.block_size, block_count * protocol.DIGEST_SIZE)
+            # Room for two windows of replies: the fetcher drains the inbox every step.
+            self._max_inbox = self._max_reply + 2 * self.window * (protocol.HEADER_SIZE + spec.block_size)
         self.client.message_callback_add(self.reply_topic, self._on_message)
         self.client.subscribe(self.reply_topic, qos=1)
         try:
-            return self._run(desired, final, progress_cb)
+            return self._run(spec, block_count, final, progress_cb)
         finally:
             with self._cond:
                 self._active = False
                 self._inbox.clear()
+                self._inbox_bytes = 0
             self.client.message_callback_remove(self.reply_topic)
             self.client.unsubscribe(self.reply_topic)
 
-    def _run(self, desired: DesiredDeployment, final: Path, progress_cb: Callable[[Progress], None] | None) -> Path:
-        stem = self.downloads / desired.package_id
+    def _run(self, spec: TransferSpec, block_count: int, final: Path,
+             progress_cb: Callable[[Progress], None] | None) -> Path:
+        stem = self.downloads / spec.package_id
         paths = {k: stem.with_suffix(f".{k}") for k in ("part", "index", "blocks")}
         fd = os.open(paths["part"], os.O_RDWR | os.O_CREAT, 0o644)
         now = self.clock()
-        t = _Transfer(desired, fd, paths, now, now, done=bytearray(desired.block_count))
+        t = _Transfer(spec, block_count, fd, paths, now, now, done=bytearray(block_count))
         try:
-            if os.fstat(fd).st_size > desired.size:
-                os.ftruncate(fd, desired.size)
+            if os.fstat(fd).st_size > spec.size:  # never keep more than the statement's size
+                os.ftruncate(fd, spec.size)
             t.index = self._load_index(t)
             if t.index is not None:
                 self._resume(t)
@@ -237,49 +385,77 @@ class PackageFetcher:
             self._checkpoint(t)
             return self._finish(t, final)
         finally:
-            os.close(fd)
+            os.close(fd)  # deleting a refused download's files before this is fine on POSIX
             self._counts["elapsed_s"] = self.clock() - t.started
 
     def _step(self, t: _Transfer, progress_cb: Callable[[Progress], None] | None) -> None:
         self._fill(t)
         now = self.clock()
-        wait = min(MAX_WAIT_S, t.last_progress + self.stall_timeout_s - now,
-                   self._request_deadline(t) - now)
+        wait = min(MAX_WAIT_S, t.last_progress + self.limits.stall_timeout_s - now, self._next_due(t) - now)
         with self._cond:
             if not self._inbox and not self._reconnected and not self._cancelled and wait > 0:
                 self._cond.wait(wait)
             replies = list(self._inbox)
             self._inbox.clear()
+            self._inbox_bytes = 0
             reconnected, self._reconnected = self._reconnected, False
             cancelled = self._cancelled
         if replies:  # ask for the next blocks before hashing and writing these
             self._fill(t, extra=len(replies))
-        for raw in replies:
-            self._accept(t, raw, progress_cb)
+        for seq, raw in replies:
+            self._accept(t, seq, raw, progress_cb)
         if cancelled:
             self._checkpoint(t)
-            raise TransferError(f"transfer of {t.id12} cancelled ({t.blocks_done()}/{len(t.done)} blocks kept)")
+            raise TransferError(f"transfer of {t.id12} cancelled ({t.blocks_done()}/{t.block_count} blocks kept)")
         if reconnected:  # requests the broker had acknowledged died with it; paho resends the rest
-            self._reissue(t, [b for b, ask in t.outstanding.items() if _acked(ask.info)])
+            self._reissue(t, [b for b, ask in t.outstanding.items() if ask.retry_at is None and _acked(ask.info)])
         now = self.clock()
-        if now - t.last_progress >= self.stall_timeout_s:
-            self._checkpoint(t)
-            missing = "" if t.index is not None else ", index not received"
-            raise TransferError(f"transfer of {t.id12} stalled: no block for {self.stall_timeout_s:g} s "
-                                f"({t.blocks_done()}/{len(t.done)} blocks{missing})")
-        if t.outstanding and now >= self._request_deadline(t):
+        self._check_progress(t, now)
+        retry = [b for b, ask in t.outstanding.items() if ask.retry_at is not None and ask.retry_at <= now]
+        if retry:
+            self._count("retries")
+            self._reissue(t, retry)
+        if now >= self._request_deadline(t):
             self.client.subscribe(self.reply_topic, qos=1)  # in case a reconnect went unnoticed
-            self._reissue(t, list(t.outstanding))
+            self._reissue(t, [b for b, ask in t.outstanding.items() if ask.retry_at is None])
+
+    def _check_progress(self, t: _Transfer, now: float) -> None:
+        """Stall, deadline and minimum rate: each abandons the fetch, keeping its data."""
+        limits, elapsed = self.limits, now - t.started
+        kept = f"{t.blocks_done()}/{t.block_count} blocks kept for resume"
+        if now - t.last_progress >= limits.stall_timeout_s:
+            missing = "" if t.index is not None else ", index not received"
+            raise self._stalled(t, f"stalled: no block for {limits.stall_timeout_s:g} s "
+                                   f"({t.blocks_done()}/{t.block_count} blocks{missing})")
+        if elapsed >= limits.deadline_s:
+            raise self._stalled(t, f"abandoned: not done within the deadline of {limits.deadline_s:g} s ({kept})")
+        while t.arrivals and t.arrivals[0][0] < now - limits.rate_window_s:
+            t.arrived_bytes -= t.arrivals.popleft()[1]
+        if limits.min_rate_bps > 0 and elapsed >= limits.grace_s:
+            span = min(limits.rate_window_s, elapsed)
+            received = t.arrived_bytes
+            if received < limits.min_rate_bps * span:
+                raise self._stalled(t, f"too slow: {received / span:.0f} B/s over the last {span:g} s, below the "
+                                       f"minimum of {limits.min_rate_bps:g} B/s ({kept})")
+
+    def _stalled(self, t: _Transfer, what: str) -> TransferStalledError:
+        self._checkpoint(t)
+        return TransferStalledError(f"transfer of {t.id12} {what}")
+
+    def _next_due(self, t: _Transfer) -> float:
+        retries = [ask.retry_at for ask in t.outstanding.values() if ask.retry_at is not None]
+        return min([self._request_deadline(t), *retries])
 
     def _request_deadline(self, t: _Transfer) -> float:
-        if not t.outstanding:
+        waiting = [ask.sent_at for ask in t.outstanding.values() if ask.retry_at is None]
+        if not waiting:
             return float("inf")
-        oldest = min(ask.sent_at for ask in t.outstanding.values())
-        return max(oldest, t.last_progress) + self.request_timeout_s
+        return max(min(waiting), t.last_progress) + self.limits.request_timeout_s
 
     def _fill(self, t: _Transfer, extra: int = 0) -> None:
         """Ask for missing blocks while fewer than ``window`` (+ ``extra`` replies already in
-        hand but not yet processed) are outstanding."""
+        hand but not yet processed) are outstanding. Blocks waiting out a backoff count as
+        outstanding, so hostile error replies cannot widen the window."""
         if t.index is None:
             if INDEX_BLOCK not in t.outstanding:
                 self._request(t, [INDEX_BLOCK])
@@ -295,17 +471,17 @@ class PackageFetcher:
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = self._nonce + self._seq.to_bytes(8, "big")
         if blocks == [INDEX_BLOCK]:
-            request = BlockRequest(index=True, block_size=t.desired.block_size)
+            request = BlockRequest(index=True, block_size=t.spec.block_size)
         else:
-            request = BlockRequest(blocks=tuple(blocks), block_size=t.desired.block_size)
-        info = self.client.publish(protocol.package_get(self.fleet, t.desired.package_id),
+            request = BlockRequest(blocks=tuple(blocks), block_size=t.spec.block_size)
+        info = self.client.publish(protocol.package_get(self.fleet, t.spec.package_id),
                                    request.to_json(), qos=1, properties=props)
         now = self.clock()
         for block in blocks:
             if block in t.asked and block != INDEX_BLOCK:
                 self._refetched.add(block)
             t.asked.add(block)
-            t.outstanding[block] = _Ask(now, info)
+            t.outstanding[block] = _Ask(now, info, self._seq)
         self._count("requests_sent")
 
     def _reissue(self, t: _Transfer, blocks: list[int]) -> None:
@@ -317,70 +493,97 @@ class PackageFetcher:
         if INDEX_BLOCK in blocks:
             self._request(t, [INDEX_BLOCK])
             blocks = [b for b in blocks if b != INDEX_BLOCK]
+        blocks.sort()
         for start in range(0, len(blocks), self.per_request):
-            self._request(t, sorted(blocks)[start:start + self.per_request])
+            self._request(t, blocks[start:start + self.per_request])
 
-    def _accept(self, t: _Transfer, raw: bytes, progress_cb: Callable[[Progress], None] | None) -> None:
+    def _accept(self, t: _Transfer, seq: int, raw: bytes, progress_cb: Callable[[Progress], None] | None) -> None:
         try:
             reply = BlockResponse.decode(raw, self.reply_topic)
         except ProtocolError:
-            self._count("corrupt_blocks")
-            return
-        if reply.status == BlockStatus.NOT_FOUND:
-            # Ask again at once (behind a shared subscription another repository may have it),
-            # and fail fast when none does, instead of waiting for the stall timeout.
-            t.not_found += 1
-            if t.not_found > self.max_retries:
-                raise TransferError(f"transfer of {t.id12} failed: the repository has no such package")
-            self._reissue(t, [reply.block] if reply.block in t.outstanding else [INDEX_BLOCK])
+            self._count("corrupt_blocks")  # no block number to blame: the request timeout covers it
             return
         if reply.status != BlockStatus.OK:
-            reason = reply.payload.decode("utf-8", "replace")[:200]
-            raise TransferError(f"transfer of {t.id12} failed: repository answered {reply.status.name} "
-                                f"for block {reply.block}{': ' + reason if reason else ''}")
-        if reply.block not in t.outstanding:
+            self._count("error_replies")
+            reason = reply.payload[:200].decode("utf-8", "replace")
+            why = f"the repository answered {reply.status.name}{': ' + reason if reason else ''}"
+            if reply.block == INDEX_BLOCK:  # request-wide: every block of that request
+                for block in [b for b, ask in t.outstanding.items() if ask.seq == seq]:
+                    self._failed(t, block, why)
+            elif reply.block in t.outstanding and t.outstanding[reply.block].seq == seq:
+                self._failed(t, reply.block, why)
+            return
+        ask = t.outstanding.get(reply.block)
+        if ask is None or (reply.block == INDEX_BLOCK and t.index is not None):
             self._count("duplicates")
             return
-        del t.outstanding[reply.block]
-        self._count("bytes_received", len(reply.payload))
+        # Any copy that verifies is accepted, even while its request waits out a backoff: the
+        # genuine reply that follows a hostile one must not be lost.
         if reply.block == INDEX_BLOCK:
-            if self._index_ok(t.desired, reply.payload):
-                t.index = reply.payload
-                write_bytes_atomic(t.paths["index"], reply.payload)
-                self._resume(t)
-                t.last_progress = self.clock()
-            else:
-                self._reject(t, INDEX_BLOCK, "the block index does not match blocks_digest")
-            return
-        lo = reply.block * protocol.DIGEST_SIZE
-        index = t.index or b""  # blocks are asked for only once the index is known
-        if (len(reply.payload) != t.desired.block_length(reply.block)
-                or hashlib.sha256(reply.payload).digest() != index[lo:lo + protocol.DIGEST_SIZE]):
-            self._reject(t, reply.block, "it failed verification")
-            return
-        self._write(t, reply.block, reply.payload)
-        t.done[reply.block] = 1
-        t.done_count += 1
-        t.unsaved += 1
-        t.last_progress = self.clock()
-        self._count("blocks_fetched")
+            if not self._index_ok(t, reply.payload):
+                self._count("corrupt_blocks")
+                self._failed(t, INDEX_BLOCK, "it did not match blocks_digest")
+                return
+            del t.outstanding[INDEX_BLOCK]
+            t.index = reply.payload
+            write_bytes_atomic(t.paths["index"], reply.payload)
+            self._resume(t)
+        else:
+            lo = reply.block * protocol.DIGEST_SIZE
+            index = t.index or b""  # blocks are asked for only once the index is known
+            if (len(reply.payload) != t.block_length(reply.block)
+                    or hashlib.sha256(reply.payload).digest() != index[lo:lo + protocol.DIGEST_SIZE]):
+                self._count("corrupt_blocks")
+                self._failed(t, reply.block, "it failed verification")
+                return
+            del t.outstanding[reply.block]
+            self._write(t, reply.block, reply.payload)
+            t.done[reply.block] = 1
+            t.done_count += 1
+            t.unsaved += 1
+            self._count("blocks_fetched")
+        now = self.clock()
+        t.last_progress = now
+        t.arrivals.append((now, len(reply.payload)))
+        t.arrived_bytes += len(reply.payload)
+        self._count("bytes_received", len(reply.payload))
         if t.unsaved >= self.checkpoint_every:
             self._checkpoint(t)
         self._report(t, progress_cb)
 
-    def _reject(self, t: _Transfer, block: int, why: str) -> None:
-        self._count("corrupt_blocks")
-        t.attempts[block] = t.attempts.get(block, 0) + 1
-        if t.attempts[block] > self.max_retries:
-            self._checkpoint(t)
-            what = "block index" if block == INDEX_BLOCK else f"block {block}"
-            raise TransferError(f"transfer of {t.id12} failed: {what} came {t.attempts[block]} times and "
-                                f"{why} each time (corrupt repository copy?)")
-        if block != INDEX_BLOCK:
-            t.missing.appendleft(block)
+    def _failed(self, t: _Transfer, block: int, why: str) -> None:
+        """One failed attempt at ``block``: ask again after a backoff, or fail past max_retries.
+
+        Counted once per request, however many bad replies it draws: a client that reads the
+        correlation data can answer a request many times, but it cannot make more requests fail
+        than the fetcher sends, and the fetcher sends the next only after the backoff.
+        """
+        ask = t.outstanding.get(block)
+        if ask is None or ask.retry_at is not None:
+            return
+        attempts = t.attempts[block] = t.attempts.get(block, 0) + 1
+        reasons = t.reasons.setdefault(block, [])
+        if why not in reasons:
+            reasons.append(why)
+        if attempts <= self.limits.max_retries:
+            ask.retry_at = self.clock() + self.limits.backoff_s(attempts, self.rng)
+            return
+        what = "block index" if block == INDEX_BLOCK else f"block {block}"
+        if reasons == ["it failed verification"]:
+            message = (f"transfer of {t.id12} failed: {what} came {attempts} times and it failed verification "
+                       "each time (corrupt repository copy?)")
+        elif block == INDEX_BLOCK and all("NOT_FOUND" in r for r in reasons):
+            message = f"transfer of {t.id12} failed: the repository has no such package (NOT_FOUND {attempts} times)"
+        else:
+            message = f"transfer of {t.id12} failed: {what} failed {attempts} times ({'; '.join(reasons)})"
+        if block == INDEX_BLOCK and reasons == ["it did not match blocks_digest"]:
+            # The statement and the repository disagree: nothing on disk can be verified. Refuse.
+            raise self._refuse(t.spec.package_id, message)
+        self._checkpoint(t)
+        raise TransferError(message)
 
     def _write(self, t: _Transfer, block: int, data: bytes) -> None:
-        offset, view = block * t.desired.block_size, memoryview(data)
+        offset, view = block * t.spec.block_size, memoryview(data)
         try:
             while view:
                 written = os.pwrite(t.fd, view, offset)
@@ -394,9 +597,9 @@ class PackageFetcher:
             return
         try:
             os.fsync(t.fd)
-            record = {"package_id": t.desired.package_id, "size": t.desired.size,
-                      "block_size": t.desired.block_size, "blocks_digest": t.desired.blocks_digest,
-                      "done": _pack_bits(t.done)}
+            s = t.spec
+            record = {"package_id": s.package_id, "size": s.size, "block_size": s.block_size,
+                      "blocks_digest": s.blocks_digest, "done": _pack_bits(t.done)}
             write_bytes_atomic(t.paths["blocks"], json.dumps(record, sort_keys=True).encode())
         except OSError as exc:
             raise self._disk_error(t, exc, checkpoint=False) from None
@@ -406,47 +609,46 @@ class PackageFetcher:
         if checkpoint:
             with contextlib.suppress(OSError, TransferError):
                 self._checkpoint(t)
-        kept = f"{t.blocks_done() - t.unsaved}/{len(t.done)} blocks kept for resume"
+        kept = f"{t.blocks_done() - t.unsaved}/{t.block_count} blocks kept for resume"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return TransferError(f"transfer of {t.id12} stopped: disk full writing {t.paths['part']} ({kept})")
         return TransferError(f"transfer of {t.id12} stopped: cannot write {t.paths['part']}: "
                              f"{exc.strerror or exc} ({kept})")
 
     # -- resume and finish -----------------------------------------------------------------------
-    def _index_ok(self, desired: DesiredDeployment, index: bytes) -> bool:
-        return (len(index) == desired.block_count * protocol.DIGEST_SIZE
-                and protocol.index_digest(index) == desired.blocks_digest)
+    def _index_ok(self, t: _Transfer, index: bytes) -> bool:
+        return (len(index) == t.block_count * protocol.DIGEST_SIZE
+                and protocol.index_digest(index) == t.spec.blocks_digest)
 
     def _load_index(self, t: _Transfer) -> bytes | None:
         with contextlib.suppress(OSError):
             index = t.paths["index"].read_bytes()
-            if self._index_ok(t.desired, index):
+            if self._index_ok(t, index):
                 return index
         return None
 
     def _resume(self, t: _Transfer) -> None:
         """Trust the record only for blocks whose bytes on disk still match the index."""
-        d = t.desired
+        s = t.spec
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             record = json.loads(t.paths["blocks"].read_bytes())
-            same = all(record[k] == getattr(d, k) for k in ("package_id", "size", "block_size", "blocks_digest"))
-            claimed = _unpack_bits(record["done"], d.block_count) if same else []
+            same = all(record[k] == getattr(s, k) for k in ("package_id", "size", "block_size", "blocks_digest"))
+            claimed = _unpack_bits(record["done"], t.block_count) if same else []
             for block in claimed:
                 lo = block * protocol.DIGEST_SIZE
-                data = os.pread(t.fd, d.block_length(block), block * d.block_size)
+                data = os.pread(t.fd, t.block_length(block), block * s.block_size)
                 if hashlib.sha256(data).digest() == (t.index or b"")[lo:lo + protocol.DIGEST_SIZE]:
                     t.done[block] = 1
         t.done_count = sum(t.done)
-        t.missing = deque(b for b in range(d.block_count) if not t.done[b])
+        t.missing = deque(b for b in range(t.block_count) if not t.done[b])
         self._counts["resumed_from"] = t.done_count
 
     def _finish(self, t: _Transfer, final: Path) -> Path:
-        d = t.desired
-        if sha256_file(t.paths["part"]) != d.sha256:
-            for path in t.paths.values():
-                path.unlink(missing_ok=True)
-            raise TransferError(f"transfer of {t.id12} failed: every block matched the index but the "
-                                "whole-file sha256 differs (inconsistent deployment message)")
+        s = t.spec
+        if os.fstat(t.fd).st_size != s.size or sha256_file(t.paths["part"]) != s.sha256:
+            raise self._refuse(s.package_id, f"transfer of {t.id12} failed: every block matched the index but "
+                               "the whole-file sha256 differs (inconsistent deployment statement); "
+                               "download deleted")
         os.replace(t.paths["part"], final)
         fsync_dir(self.downloads)
         t.paths["blocks"].unlink(missing_ok=True)
@@ -455,9 +657,10 @@ class PackageFetcher:
 
     def _report(self, t: _Transfer, progress_cb: Callable[[Progress], None] | None) -> None:
         if progress_cb is not None:
-            done = t.blocks_done()
-            size = min(t.desired.size, done * t.desired.block_size) if done < len(t.done) else t.desired.size
-            progress_cb(Progress(done, len(t.done), size, t.desired.size))
+            done, size = t.blocks_done(), t.spec.size
+            progress_cb(Progress(done, t.block_count,
+                                 min(size, done * t.spec.block_size) if done < t.block_count else size, size))
+
 
 def _acked(info: Any) -> bool:
     try:

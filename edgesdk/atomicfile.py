@@ -2,6 +2,9 @@
 
 A crash at any point leaves either the old file or the new one, never a torn one, and no temp
 file is left behind on an exception (python-tuf's pattern, plus the fsyncs it leaves out).
+
+These functions raise OSError as it comes; callers wrap them in `edgesdk.errors.map_os_errors`
+with what they were writing, so the error names the file's role ("write <spool>/...: disk full").
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def atomic_writer(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        # Cleanup never hides the original error: on a read-only or failing disk the unlink can
+        # fail too (EROFS, EIO); the temp file is then left for the next start to remove.
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)

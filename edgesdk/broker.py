@@ -6,6 +6,11 @@ starts paho's network thread and waits for CONNACK with a deadline (BrokerError 
 After that paho reconnects by itself with exponential backoff (``reconnect_min_s`` doubling up
 to ``reconnect_max_s``); callers re-subscribe in ``on_connect`` because a broker that lost its
 state (a restart without persistence, a kill) forgets sessions.
+
+TLS always verifies the broker's certificate chain AND its host name (a wrong CA or a certificate
+for another host fails with one line ``cannot reach broker ...: TLS ...``). Every client announces
+a maximum packet size (MQTT 5 CONNECT property) near the block size, so the broker never forwards
+it a packet bigger than that; `edgesdk broker config` caps the broker's side the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +30,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgesdk.errors import BrokerError, ConfigError
+from edgesdk.protocol import BLOCK_SIZE
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# One block response is the block plus a 13-byte header, the device's topic, correlation data and
+# MQTT framing: well under 1 KiB. 16 KiB of headroom also covers every JSON message we send.
+PACKET_HEADROOM = 16 * 1024
+DEFAULT_MAX_PACKET_SIZE = BLOCK_SIZE + PACKET_HEADROOM
+MIN_MAX_PACKET_SIZE = 4 * 1024  # below this even a state message or a small block would not fit
+MQTT_MAX_PACKET_SIZE = 268_435_460  # 256 MiB payload limit + fixed header: the protocol's own cap
+_SETTINGS = ("keepalive_s", "connect_timeout_s", "reconnect_min_s", "reconnect_max_s", "max_packet_size")
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class BrokerConfig:
     connect_timeout_s: float = 10.0  # TCP (+TLS) connect and CONNACK, each call
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
+    # Largest MQTT packet we accept: the broker drops (never sends us) anything bigger. A repository
+    # serving bigger blocks than protocol.BLOCK_SIZE needs its devices configured with more.
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
 
     @property
     def url(self) -> str:
@@ -73,7 +89,8 @@ class Will:
 def parse_broker_url(url: str, tls: TlsConfig | None = None, username: str | None = None,
                      password: str | None = None, **timeouts: float) -> BrokerConfig:
     """mqtt://[user[:pass]@]host[:port] (1883) or mqtts://... (8883, TLS). Explicit
-    ``username``/``password`` override the URL's; ``timeouts`` sets BrokerConfig's timing fields."""
+    ``username``/``password`` override the URL's; ``timeouts`` sets BrokerConfig's timing fields
+    and ``max_packet_size``."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -101,12 +118,15 @@ def parse_broker_url(url: str, tls: TlsConfig | None = None, username: str | Non
     secret = password if password is not None else (unquote(parts.password) if parts.password else None)
     if secret is not None and user is None:
         raise ConfigError("broker: a password without a username")
-    unknown = set(timeouts) - {"keepalive_s", "connect_timeout_s", "reconnect_min_s", "reconnect_max_s"}
+    unknown = set(timeouts) - set(_SETTINGS)
     if unknown:
         raise ConfigError(f"broker: unknown setting(s) {', '.join(sorted(unknown))}")
     config = BrokerConfig(parts.hostname, port or DEFAULT_PORTS[scheme], tls, user, secret, **timeouts)  # type: ignore[arg-type]
     if config.connect_timeout_s <= 0 or config.keepalive_s <= 0 or config.reconnect_min_s <= 0:
         raise ConfigError("broker: keepalive, connect timeout and reconnect delay must be positive")
+    if not MIN_MAX_PACKET_SIZE <= config.max_packet_size <= MQTT_MAX_PACKET_SIZE:
+        raise ConfigError(f"broker: max packet size must be {MIN_MAX_PACKET_SIZE}..{MQTT_MAX_PACKET_SIZE} bytes, "
+                          f"got {config.max_packet_size}")
     return config
 
 
@@ -132,6 +152,8 @@ def make_client(client_id: str, config: BrokerConfig, clean_start: bool = False,
     if config.tls is not None:
         tls = config.tls
         try:
+            # CERT_REQUIRED with paho's default tls_insecure=False: the chain AND the host name are
+            # checked (a certificate for another host is refused, as a wrong CA is).
             client.tls_set(ca_certs=str(tls.ca_file) if tls.ca_file else None,
                            certfile=str(tls.cert_file) if tls.cert_file else None,
                            keyfile=str(tls.key_file) if tls.key_file else None,
@@ -147,6 +169,7 @@ def make_client(client_id: str, config: BrokerConfig, clean_start: bool = False,
     client.connect_timeout = config.connect_timeout_s
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0 if clean_start else session_expiry_s
+    props.MaximumPacketSize = config.max_packet_size
     # connect_async only records where and how to connect; connect_blocking does the I/O.
     client.connect_async(config.host, config.port, keepalive=config.keepalive_s,
                          clean_start=clean_start, properties=props)
@@ -181,6 +204,11 @@ def connect_blocking(client: mqtt.Client, config: BrokerConfig, timeout_s: float
             raise BrokerError(f"cannot reach broker {config.url}: connection refused") from None
         except (socket.timeout, TimeoutError):
             raise BrokerError(f"cannot reach broker {config.url}: no answer within {timeout:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            # e.g. "Hostname mismatch, certificate is not valid for 'x'." or "unable to get local issuer
+            # certificate" (a CA that did not sign the broker's certificate).
+            why = (exc.verify_message or exc.reason or "").rstrip(".")
+            raise BrokerError(f"cannot reach broker {config.url}: TLS certificate refused ({why})") from None
         except ssl.SSLError as exc:
             raise BrokerError(f"cannot reach broker {config.url}: TLS handshake failed ({exc.reason})") from None
         except OSError as exc:

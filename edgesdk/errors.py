@@ -13,7 +13,12 @@
     ├── KeyFileError                 a key file is missing or is not an Ed25519 key
     ├── RuntimeUnavailableError      a runtime/provider asked for is not on this machine
     ├── ProtocolError                a malformed MQTT message (bad JSON, missing field, wrong type)
-    ├── TransferError                a package transfer failed (stall, too many bytes, bad block)
+    ├── TrustError                   a deployment statement or trust root was refused (unsigned,
+    │                                untrusted key, replayed, expired, downgrade, mix-and-match)
+    ├── TransferError                a package transfer failed (too many bytes, bad block)
+    │   └── TransferStalledError     no progress or too slow: abandoned, to be retried later
+    ├── StorageError                 a file or folder could not be read or written (disk full,
+    │                                permission, I/O error); mapped from OSError by `map_os_errors`
     ├── BrokerError                  the broker cannot be reached or refused us
     ├── InstallError                 the agent could not install a package (previous stays active)
     │   └── HealthCheckError         no candidate passed the health check
@@ -21,6 +26,10 @@
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
 
 
 class EdgeError(Exception):
@@ -77,8 +86,28 @@ class ProtocolError(EdgeError):
     pass
 
 
+class TrustError(EdgeError):
+    pass
+
+
 class TransferError(EdgeError):
     pass
+
+
+class TransferStalledError(TransferError):
+    """The repository stopped answering or is too slow; the download is retried later."""
+
+
+class StorageError(EdgeError):
+    """File I/O failed. ``errno`` keeps the cause (ENOSPC: disk full) for callers that branch on it."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class BrokerError(EdgeError):
@@ -95,3 +124,25 @@ class HealthCheckError(InstallError):
 
 class FleetError(EdgeError):
     pass
+
+
+_OS_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EIO: "I/O error"}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for an OSError: 'disk full' for ENOSPC, else its strerror."""
+    return _OS_REASONS.get(exc.errno or 0) or exc.strerror or type(exc).__name__
+
+
+@contextlib.contextmanager
+def map_os_errors(what: str) -> Iterator[None]:
+    """The one place OSError enters the error tree: ``with map_os_errors(f"write {path}"):`` turns
+    any OSError into ``StorageError("write <path>: disk full")`` (errno kept), so a full disk is
+    reported as a full disk, never as tampering or a crash."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"{what}: {describe_os_error(exc)}", exc.errno) from None

@@ -4,6 +4,11 @@ Writing is atomic: the tar is built in a temp file beside the destination and re
 so a failed run leaves no package. Opening is safe against hostile archives: only regular files
 with plain relative names are accepted, every member must be declared in the signed manifest with
 its exact size and sha256, and nothing is ever written outside the destination folder.
+
+Errors: anything wrong with the bytes of a package (not a tar, corrupt, hostile, tampered) is a
+`PackageError` (`IntegrityError` when a file's size or sha256 differs); a failure of the disk
+(full, read-only, I/O error) while reading or writing is a `StorageError` from `map_os_errors`,
+so a full disk during extraction is never reported as tampering.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import posixpath
 import shutil
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,18 +27,24 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgesdk.atomicfile import atomic_writer, fsync_dir
-from edgesdk.errors import IntegrityError, PackageError, PackagingError, SignatureError
-from edgesdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
+from edgesdk.errors import (IntegrityError, PackageError, PackagingError, SignatureError, StorageError,
+                            map_os_errors)
+from edgesdk.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME, FileEntry, Manifest
 from edgesdk.signing import SIGNATURE_SIZE, sign, verify_signature
 
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+__all__ = ["MAX_MANIFEST_BYTES", "OpenedPackage", "check_files", "check_member_name", "extract_package",
+           "open_package", "package_filename", "sha256_file", "verify_package", "write_package"]
+
 MAX_MEMBERS = 10_000
 CHUNK = 1024 * 1024
+# What tarfile raises on malformed headers besides TarError (3.11: a bad pax "size" is a
+# ValueError, an over-long number an OverflowError, odd encodings UnicodeError).
+_TAR_PARSE_ERRORS = (tarfile.TarError, ValueError, UnicodeError, OverflowError, EOFError)
 
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with map_os_errors(f"read {path}"), open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -60,10 +71,17 @@ def write_package(out_path: str | Path, manifest: Manifest, files: Mapping[str, 
             raise PackageError(f"{arcname}: reserved name inside a package")
         try:
             manifest.files[arcname] = FileEntry(sha256_file(path), os.path.getsize(path))
-        except OSError as exc:
-            raise PackagingError(f"{path}: cannot read file for package member {arcname}: {exc.strerror}") from None
+        except (OSError, StorageError) as exc:  # the caller named a file it cannot read: its mistake
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc).rsplit(": ", 1)[-1]
+            raise PackagingError(f"{path}: cannot read file for package member {arcname}: {reason}") from None
     manifest_bytes = manifest.to_bytes()
     signature = sign(key, manifest_bytes)
+    with map_os_errors(f"write {out_path}"):
+        _write_tar(out_path, manifest_bytes, signature, files)
+    return out_path
+
+
+def _write_tar(out_path: Path, manifest_bytes: bytes, signature: bytes, files: Mapping[str, str | Path]) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(out_path) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -77,7 +95,6 @@ def write_package(out_path: str | Path, manifest: Manifest, files: Mapping[str, 
                 info.size, info.mode, info.mtime = os.path.getsize(path), 0o644, 0
                 with open(path, "rb") as src:
                     tar.addfile(info, src)
-    return out_path
 
 
 @dataclass
@@ -104,44 +121,55 @@ class OpenedPackage:
 
 
 def _open_file(path: Path) -> BinaryIO:
-    try:
+    # A missing file or a folder is the caller naming the wrong thing, not a disk failure.
+    if not path.exists():
+        raise PackageError(f"{path}: no such package file")
+    if path.is_dir():
+        raise PackageError(f"{path}: is a folder, not a package file")
+    with map_os_errors(f"read {path}"):
         return open(path, "rb")
-    except FileNotFoundError:
-        raise PackageError(f"{path}: no such package file") from None
-    except OSError as exc:
-        raise PackageError(f"{path}: cannot read package: {exc.strerror}") from None
 
 
 def _open_tar(handle: BinaryIO, path: Path) -> tarfile.TarFile:
     """A tar reader over ``handle`` from its start: every pass reads the same open file, so a
     package swapped on disk after it was checked is never the one extracted."""
-    handle.seek(0)
     try:
-        return tarfile.open(fileobj=handle, mode="r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise PackageError(f"{path}: not an .edgepkg (unreadable tar: {exc})") from None
+        with map_os_errors(f"read {path}"):
+            handle.seek(0)
+            return tarfile.open(fileobj=handle, mode="r:")
+    except _TAR_PARSE_ERRORS as exc:
+        raise PackageError(f"{path}: not an .edgepkg (unreadable tar: {_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
     members = []
     seen = set()
     try:
-        for info in tar:
-            if len(members) >= MAX_MEMBERS:
-                raise PackageError(f"{path}: hostile archive: more than {MAX_MEMBERS} members")
-            try:
-                check_member_name(info.name)
-            except PackageError as exc:
-                raise PackageError(f"{path}: {exc}") from None
-            if not info.isreg():
-                raise PackageError(f"{path}: hostile archive: member {info.name!r} is not a regular file")
-            if info.name in seen:
-                raise PackageError(f"{path}: hostile archive: member {info.name!r} appears twice")
-            seen.add(info.name)
-            members.append(info)
-    except tarfile.TarError as exc:
-        raise PackageError(f"{path}: truncated or corrupt package ({exc})") from None
+        with map_os_errors(f"read {path}"):
+            _collect(tar, path, members, seen)
+    except _TAR_PARSE_ERRORS as exc:
+        raise PackageError(f"{path}: truncated or corrupt package ({_one_line(exc)})") from None
     return members
+
+
+def _collect(tar: tarfile.TarFile, path: Path, members: list[tarfile.TarInfo], seen: set[str]) -> None:
+    for info in tar:
+        if len(members) >= MAX_MEMBERS:
+            raise PackageError(f"{path}: hostile archive: more than {MAX_MEMBERS} members")
+        try:
+            check_member_name(info.name)
+        except PackageError as exc:
+            raise PackageError(f"{path}: {exc}") from None
+        if not info.isreg() or info.issparse():
+            raise PackageError(f"{path}: hostile archive: member {info.name!r} is not a regular file")
+        if info.name in seen:
+            raise PackageError(f"{path}: hostile archive: member {info.name!r} appears twice")
+        seen.add(info.name)
+        members.append(info)
 
 
 def open_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | None = None,
@@ -171,8 +199,12 @@ def _open_handle(handle: BinaryIO, path: Path, trusted_keys: Iterable[Ed25519Pub
         if SIGNATURE_NAME in members and members[SIGNATURE_NAME].size != SIGNATURE_SIZE:
             raise SignatureError(f"{path}: {SIGNATURE_NAME} is {members[SIGNATURE_NAME].size} bytes, "
                                  f"expected {SIGNATURE_SIZE}")
-        manifest_bytes = _read_member(tar, members[MANIFEST_NAME], path)
-        signature = _read_member(tar, members[SIGNATURE_NAME], path) if SIGNATURE_NAME in members else None
+        try:
+            with map_os_errors(f"read {path}"):
+                manifest_bytes = _read_member(tar, members[MANIFEST_NAME], path)
+                signature = _read_member(tar, members[SIGNATURE_NAME], path) if SIGNATURE_NAME in members else None
+        except _TAR_PARSE_ERRORS as exc:
+            raise PackageError(f"{path}: truncated or corrupt package ({_one_line(exc)})") from None
         try:
             manifest = Manifest.from_bytes(manifest_bytes)
         except PackageError as exc:
@@ -230,28 +262,47 @@ def _handle_of(opened: OpenedPackage) -> BinaryIO:
 def check_files(opened: OpenedPackage) -> None:
     """Check every declared file's size and sha256 (does not check the signature)."""
     with _open_tar(_handle_of(opened), opened.path) as tar:
-        for info in tar:
+        for info in _iter_members(tar, opened.path):
             if info.name in opened.manifest.files:
                 _copy_verified(tar, info, opened.manifest.files[info.name], None, opened.path)
 
 
+def _iter_members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
+    """The members of a package opened before, mapping read failures (it may have changed on disk)."""
+    iterator = iter(tar)
+    while True:
+        try:
+            with map_os_errors(f"read {path}"):
+                info = next(iterator, None)
+        except _TAR_PARSE_ERRORS as exc:
+            raise PackageError(f"{path}: truncated or corrupt package ({_one_line(exc)})") from None
+        if info is None:
+            return
+        yield info
+
+
 def _copy_verified(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry,
                    dest: io.BufferedWriter | None, path: Path) -> None:
-    handle = tar.extractfile(info)
-    if handle is None:
-        raise PackageError(f"{path}: {info.name}: not a regular file")
     digest, remaining = hashlib.sha256(), entry.size
+    # Reading and writing are mapped apart: a corrupt tar is the package's fault (IntegrityError),
+    # an OSError reading it or writing the copy is the disk's (StorageError, "disk full").
     try:
+        with map_os_errors(f"read {path}"):
+            handle = tar.extractfile(info)
+        if handle is None:
+            raise PackageError(f"{path}: {info.name}: not a regular file")
         while remaining > 0:
-            block = handle.read(min(CHUNK, remaining))
+            with map_os_errors(f"read {path}"):
+                block = handle.read(min(CHUNK, remaining))
             if not block:
                 raise IntegrityError(f"{path}: {info.name}: truncated")
             digest.update(block)
             if dest is not None:
-                dest.write(block)
+                with map_os_errors(f"write {getattr(dest, 'name', 'extracted file')}"):
+                    dest.write(block)
             remaining -= len(block)
-    except (tarfile.TarError, OSError) as exc:
-        raise IntegrityError(f"{path}: {info.name}: unreadable ({exc})") from None
+    except _TAR_PARSE_ERRORS as exc:
+        raise IntegrityError(f"{path}: {info.name}: unreadable ({_one_line(exc)})") from None
     if digest.hexdigest() != entry.sha256:
         raise IntegrityError(f"{path}: {info.name}: sha256 mismatch (corrupt or tampered)")
 
@@ -266,17 +317,18 @@ def extract_package(path: str | Path, dest: str | Path,
     dest = Path(dest)
     with open_package(path, trusted_keys) as opened:
         staging = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            _extract_into(opened, staging)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-            fsync_dir(dest.parent)
-        except BaseException:
+        with map_os_errors(f"extract {path} into {dest}"):
             shutil.rmtree(staging, ignore_errors=True)
-            raise
+            staging.mkdir(parents=True)
+            try:
+                _extract_into(opened, staging)
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(staging, dest)
+                fsync_dir(dest.parent)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     return opened
 
 
@@ -287,7 +339,7 @@ def _extract_into(opened: OpenedPackage, staging: Path) -> None:
         if data is not None:
             _write_new(staging / name, data)
     with _open_tar(_handle_of(opened), opened.path) as tar:
-        for info in tar:
+        for info in _iter_members(tar, opened.path):
             if info.name in fixed:
                 continue
             if info.name not in opened.manifest.files:
@@ -295,18 +347,19 @@ def _extract_into(opened: OpenedPackage, staging: Path) -> None:
             target = (staging / info.name).resolve()
             if root not in target.parents:
                 raise PackageError(f"{opened.path}: hostile archive: {info.name!r} points outside")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "xb") as out:
-                _copy_verified(tar, info, opened.manifest.files[info.name], out, opened.path)
-                out.flush()
-                os.fsync(out.fileno())
+            with map_os_errors(f"write {target}"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "xb") as out:
+                    _copy_verified(tar, info, opened.manifest.files[info.name], out, opened.path)
+                    out.flush()
+                    os.fsync(out.fileno())
     missing = [n for n in opened.manifest.files if not (staging / n).is_file()]
     if missing:
         raise IntegrityError(f"{opened.path}: {missing[0]}: listed in the manifest but missing")
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    with open(path, "xb") as out:
+    with map_os_errors(f"write {path}"), open(path, "xb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())

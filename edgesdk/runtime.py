@@ -3,13 +3,29 @@
 The host packager (validation, host benchmark) and the device agent (selection, serving) both run
 models through `open_session`. The runtimes are imported inside functions, so `import
 edgesdk.runtime` stays light on a device that has only one of them installed.
+
+Every `Session.run` may be called from many threads at once (the agent's API serves concurrent
+callers through one session); each runtime gets there its own way:
+
+- onnxruntime: ``InferenceSession.run`` is thread-safe; calls run in parallel.
+- OpenVINO: an infer request serves one call at a time ("Infer Request is busy" otherwise), so the
+  session lends each call a request from a pool that grows on demand up to ``max_parallel_runs``.
+  The CPU plugin's intermediate buffers belong to its streams, not to requests, so an extra
+  request costs only its input/output tensors (measured: 8 more on a 1024-2048-2048 MLP, +3 MB).
+- LiteRT: an interpreter is not thread-safe (inputs, resizes and invoke share its tensors), so
+  calls take turns under a lock. One interpreter per caller would run them in parallel, but each
+  would repack the weights for XNNPACK and hold its own tensor arena: N times the memory, for
+  little gain on the few-core devices LiteRT serves, where one interpreter already uses them all.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +43,9 @@ RUNTIME_OPTIONS: dict[str, tuple[str, ...]] = {
     "litert": (),
 }
 OV_PRECISION_HINTS = ("f32", "f16", "bf16")
+# OpenVINO infer requests per session at most; callers beyond it wait for a free one. The agent's
+# API admits fewer inferences at once than this (ApiLimits.max_concurrency), so it is never reached there.
+DEFAULT_MAX_PARALLEL_RUNS = 16
 _ORT_OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                    "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -179,8 +198,12 @@ class Session:
 
 
 def open_session(path: str | Path, runtime: str, provider: str, options: Mapping[str, Any] | None = None,
-                 threads: int | None = None) -> Session:
-    """Load ``path`` on ``runtime``/``provider``; raise RuntimeUnavailableError if that cannot run here."""
+                 threads: int | None = None, *, max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS) -> Session:
+    """Load ``path`` on ``runtime``/``provider``; raise RuntimeUnavailableError if that cannot run here.
+
+    ``max_parallel_runs`` bounds the OpenVINO infer requests the session creates for concurrent
+    callers (see the module docstring); the other runtimes do not need it.
+    """
     if runtime not in RUNTIMES:
         raise RuntimeUnavailableError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     options = dict(options or {})
@@ -190,6 +213,8 @@ def open_session(path: str | Path, runtime: str, provider: str, options: Mapping
         raise ConfigError(f"{runtime} option {unknown[0]!r} is not known (known: {known})")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    if isinstance(max_parallel_runs, bool) or not isinstance(max_parallel_runs, int) or max_parallel_runs < 1:
+        raise ConfigError(f"max_parallel_runs must be a positive integer, got {max_parallel_runs!r}")
     available = available_providers()
     if runtime not in available:
         raise RuntimeUnavailableError(f"{runtime} is not installed here")
@@ -199,7 +224,9 @@ def open_session(path: str | Path, runtime: str, provider: str, options: Mapping
     if provider not in available[runtime]:
         raise RuntimeUnavailableError(f"{runtime} provider {provider} is not available here "
                                       f"(available: {', '.join(available[runtime]) or 'none'})")
-    opener = {"onnxruntime": _open_ort, "openvino": _open_openvino, "litert": _open_litert}[runtime]
+    if runtime == "openvino":
+        return _open_openvino(path, provider, options, threads, max_parallel_runs)
+    opener = {"onnxruntime": _open_ort, "litert": _open_litert}[runtime]
     return opener(path, provider, options, threads)
 
 
@@ -305,27 +332,76 @@ def _ov_specs(ports: list[Any], prefix: str) -> list[TensorSpec]:
     return specs
 
 
+class _InferRequestPool:
+    """The infer requests of one compiled model, lent one per running call.
+
+    Requests are created on demand, so a session that is called from one thread holds one; a call
+    that finds all ``limit`` requests lent waits for one to come back.
+    """
+
+    def __init__(self, compiled: Any, limit: int) -> None:
+        self._compiled = compiled
+        self._limit = limit
+        self._free: list[Any] = [compiled.create_infer_request()]  # fail at load, not at first call
+        self._created = 1
+        self._cond = threading.Condition(threading.Lock())
+
+    @property
+    def created(self) -> int:
+        with self._cond:
+            return self._created
+
+    @contextmanager
+    def lend(self) -> Iterator[Any]:
+        with self._cond:
+            # No timeout: every lent request comes back when its infer() returns or raises.
+            self._cond.wait_for(lambda: self._free or self._created < self._limit)
+            if self._free:
+                request = self._free.pop()
+            else:
+                request = self._compiled.create_infer_request()
+                self._created += 1
+        try:
+            yield request
+        finally:
+            with self._cond:
+                self._free.append(request)
+                self._cond.notify()
+
+
 class _OpenVinoSession(Session):
     runtime = "openvino"
 
-    def __init__(self, path: Path, provider: str, compiled: Any, config: dict[str, Any]) -> None:
+    def __init__(self, path: Path, provider: str, compiled: Any, config: dict[str, Any],
+                 max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS) -> None:
         super().__init__(path, provider, _ov_specs(compiled.inputs, "input"),
                          _ov_specs(compiled.outputs, "output"), config)
         self.compiled = compiled  # the ov.CompiledModel, for inspecting what OpenVINO really applied
-        self._request = compiled.create_infer_request()
+        self._pool: _InferRequestPool | None = _InferRequestPool(compiled, max_parallel_runs)
+
+    @property
+    def infer_requests(self) -> int:
+        """Infer requests created so far: the most calls that have run at once, up to the limit."""
+        return 0 if self._pool is None else self._pool.created
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # share_outputs=False: OpenVINO copies out of its own buffers, so results outlive the next run.
-        results = self._request.infer(feeds, share_outputs=False)
-        ports = self.compiled.outputs
-        return {name: np.asarray(results[port]) for name, port in zip(self.output_names, ports)}
+        pool, compiled = self._pool, self.compiled
+        if pool is None or compiled is None:
+            raise ModelError(f"{self.path.name}: openvino session is closed")
+        ports = compiled.outputs
+        with pool.lend() as request:
+            # share_outputs=False: OpenVINO copies out of its own buffers, so results outlive the
+            # request going back to the pool and serving the next caller.
+            results = request.infer(feeds, share_outputs=False)
+            return {name: np.asarray(results[port]) for name, port in zip(self.output_names, ports)}
 
     def _close(self) -> None:
-        self._request = None
+        self._pool = None  # calls in flight keep their request until they return
         self.compiled = None
 
 
-def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: int | None) -> Session:
+def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: int | None,
+                   max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS) -> Session:
     if path.suffix not in (".xml", ".onnx"):
         raise ModelError(f"{path}: openvino runs .xml IR or .onnx files, not {path.suffix or 'no suffix'}")
     core = _ov_core()
@@ -361,7 +437,11 @@ def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: 
     except Exception as exc:
         raise ModelError(f"{path.name}: openvino cannot compile the model for {provider}: "
                          f"{_first_line(exc)}") from exc
-    return _OpenVinoSession(path, provider, compiled, config)
+    try:
+        return _OpenVinoSession(path, provider, compiled, config, max_parallel_runs)
+    except RuntimeError as exc:  # creating the first infer request allocates its tensors
+        raise ModelError(f"{path.name}: openvino cannot create an infer request on {provider}: "
+                         f"{_first_line(exc)}") from exc
 
 
 # -- LiteRT ---------------------------------------------------------------------------------------
@@ -375,24 +455,31 @@ class _LiteRtSession(Session):
         self._index = {d["name"]: int(d["index"]) for d in ins}
         self._shapes = {d["name"]: tuple(int(x) for x in d["shape"]) for d in ins}
         self._out_index = [int(d["index"]) for d in outs]
+        # One caller at a time: set_tensor, resize, invoke and get_tensor share the interpreter's
+        # tensors (see the module docstring for why a lock and not an interpreter per caller).
+        self._lock = threading.Lock()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        it = self._interpreter
-        resized = False
-        for name, array in feeds.items():
-            if array.shape != self._shapes[name]:
-                it.resize_tensor_input(self._index[name], list(array.shape))
-                self._shapes[name] = array.shape
-                resized = True
-        if resized:
-            it.allocate_tensors()
-        for name, array in feeds.items():
-            it.set_tensor(self._index[name], array)
-        it.invoke()
-        return {name: it.get_tensor(i) for name, i in zip(self.output_names, self._out_index)}  # copies
+        with self._lock:
+            it = self._interpreter
+            if it is None:
+                raise ModelError(f"{self.path.name}: litert session is closed")
+            resized = False
+            for name, array in feeds.items():
+                if array.shape != self._shapes[name]:
+                    it.resize_tensor_input(self._index[name], list(array.shape))
+                    self._shapes[name] = array.shape
+                    resized = True
+            if resized:
+                it.allocate_tensors()
+            for name, array in feeds.items():
+                it.set_tensor(self._index[name], array)
+            it.invoke()
+            return {name: it.get_tensor(i) for name, i in zip(self.output_names, self._out_index)}  # copies
 
     def _close(self) -> None:
-        self._interpreter = None
+        with self._lock:  # not under a running invoke
+            self._interpreter = None
 
 
 def _tfl_spec(detail: dict[str, Any]) -> TensorSpec:

@@ -13,11 +13,28 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgesdk.atomicfile import write_bytes_atomic
-from edgesdk.errors import KeyFileError, SignatureError
+from edgesdk.errors import KeyFileError, SignatureError, map_os_errors
 
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
 SIGNATURE_SIZE = 64
+
+# One key pair per role (DESIGN §7), each in its own files so a folder can hold all three:
+# release signs packages (manifest.sig), fleet signs deployment statements, root signs trust roots.
+KEY_FILE_NAMES: dict[str, tuple[str, str]] = {
+    "release": (PRIVATE_NAME, PUBLIC_NAME),
+    "fleet": ("fleet.key", "fleet.pub"),
+    "root": ("root.key", "root.pub"),
+}
+KEY_ROLES = tuple(KEY_FILE_NAMES)
+
+
+def key_file_names(role: str) -> tuple[str, str]:
+    """(private, public) file names of ``role``; KeyFileError names the roles for an unknown one."""
+    try:
+        return KEY_FILE_NAMES[role]
+    except KeyError:
+        raise KeyFileError(f"unknown key role {role!r}: use one of {', '.join(KEY_ROLES)}") from None
 
 
 def default_key_dir() -> Path:
@@ -39,19 +56,22 @@ class KeyPair:
     key_id: str
 
 
-def generate_keys(out_dir: str | Path, overwrite: bool = False) -> KeyPair:
-    """Write ``signing.key`` (PKCS#8 PEM, mode 0600) and ``signing.pub`` (PEM) into ``out_dir``."""
+def generate_keys(out_dir: str | Path, overwrite: bool = False, role: str = "release") -> KeyPair:
+    """Write ``role``'s private key (PKCS#8 PEM, mode 0600) and public key (PEM) into ``out_dir``:
+    signing.key/.pub (release), fleet.key/.pub or root.key/.pub. OSError becomes StorageError."""
+    private_name, public_name = key_file_names(role)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = out / PRIVATE_NAME, out / PUBLIC_NAME
-    if not overwrite and private_path.exists():
-        raise KeyFileError(f"{private_path}: a signing key already exists (refusing to overwrite it)")
-    key = Ed25519PrivateKey.generate()
-    write_bytes_atomic(private_path, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-    public = key.public_key()
-    write_bytes_atomic(public_path, public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    private_path, public_path = out / private_name, out / public_name
+    with map_os_errors(f"write keys into {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        if not overwrite and private_path.exists():
+            raise KeyFileError(f"{private_path}: a {role} key already exists (refusing to overwrite it)")
+        key = Ed25519PrivateKey.generate()
+        write_bytes_atomic(private_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+        public = key.public_key()
+        write_bytes_atomic(public_path, public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return KeyPair(private_path, public_path, key_id(public))
 
 

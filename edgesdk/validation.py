@@ -4,6 +4,11 @@ numpy only: the device agent imports this for its health check. One cosine numbe
 (a quantized detector's class scores all became 0.0 at cosine 0.997), so every output also gets
 top-1 agreement (class-like outputs), exact match (integer outputs), a NaN/Inf count and a
 per-channel spread check that sees a channel collapse to a constant.
+
+Errors: on the host (`compare_outputs`, `evaluate_gate`) a mismatch is a `PackagingError`. On the
+device, `health_check` returns a failed `HealthResult` when the candidate's outputs differ (names,
+shapes, values) and raises `HealthCheckError` when the check cannot run at all (no or malformed
+reference outputs, a malformed tolerance): never a PackagingError, which is the packager's error.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from edgesdk.errors import PackagingError
+from edgesdk.errors import HealthCheckError, PackagingError
 
 if TYPE_CHECKING:  # profiles pulls in yaml; the agent's health check needs only numpy
     from edgesdk.profiles import Gate
@@ -97,6 +102,9 @@ def compare_outputs(reference: Sequence[Outputs], candidate: Sequence[Outputs],
 def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
                     spread_ratio_min: float) -> OutputMetrics:
     for i, (r, c) in enumerate(zip(refs, cands)):
+        for side, a in (("reference", r), ("candidate", c)):
+            if a.dtype.kind not in "biufc":  # strings, objects, datetimes: nothing to compare numerically
+                raise PackagingError(f"output {name!r}: {side} dtype {a.dtype} is not numeric (sample {i})")
         if r.shape != c.shape:
             raise PackagingError(f"output {name!r}: candidate shape {c.shape} differs from reference "
                                  f"{r.shape} (sample {i})")
@@ -307,11 +315,23 @@ def health_check(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs
     Fails on any NaN/Inf, on cosine below ``cosine_min``, max abs error above ``max_abs`` and
     top-1/exact agreement below ``top1_min`` (with more than one position differing). A missing
     tolerance key skips that check; a name or shape mismatch fails the check rather than raising.
+    Raises `HealthCheckError` when the check cannot run: no reference samples, a reference that is
+    not numeric arrays by name, or a tolerance value that is not a finite number.
     """
+    tolerance = _check_tolerance(tolerance)
+    _check_reference(reference_outputs)
+    if len(outputs) != len(reference_outputs) or not all(isinstance(o, Mapping) for o in outputs):
+        return HealthResult(passed=False, failures=[
+            f"the candidate gave {len(outputs)} results for {len(reference_outputs)} reference samples"
+            if len(outputs) != len(reference_outputs) else "a candidate result is not a mapping of outputs"],
+            details={"tolerance": dict(tolerance)})
     try:
         metrics = compare_outputs(reference_outputs, outputs)
-    except PackagingError as exc:
+    except PackagingError as exc:  # the reference was checked above: the candidate's outputs differ
         return HealthResult(passed=False, failures=[str(exc)], details={"tolerance": dict(tolerance)})
+    except (TypeError, ValueError) as exc:  # numpy on a candidate output it cannot convert
+        return HealthResult(passed=False, failures=[f"candidate outputs cannot be compared: {exc}"],
+                            details={"tolerance": dict(tolerance)})
     failures: list[str] = []
     cos_min, abs_max, top1_min = (tolerance.get(k) for k in ("cosine_min", "max_abs", "top1_min"))
     for name, m in metrics.items():
@@ -329,3 +349,43 @@ def health_check(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs
             failures.append(f"{where}: agreement {agreement:.4f} < {top1_min} ({m.disagreements} differ)")
     details = {"outputs": {name: m.to_dict() for name, m in metrics.items()}, "tolerance": dict(tolerance)}
     return HealthResult(passed=not failures, failures=failures, details=details)
+
+
+HEALTH_TOLERANCE_KEYS = ("cosine_min", "max_abs", "top1_min")
+
+
+def _check_tolerance(tolerance: Any) -> dict[str, float]:
+    """The tolerance comes from a package: every known key must be a finite number (not a bool)."""
+    if not isinstance(tolerance, Mapping):
+        raise HealthCheckError(f"health check: tolerance must be a mapping, got {type(tolerance).__name__}")
+    checked: dict[str, float] = {}
+    for key in HEALTH_TOLERANCE_KEYS:
+        if key not in tolerance:
+            continue
+        value = tolerance[key]
+        try:
+            number = float(value) if not isinstance(value, (bool, np.bool_, str, bytes)) else math.nan
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise HealthCheckError(f"health check: tolerance {key} must be a finite number, got {str(value)[:40]!r}")
+        checked[key] = number
+    return checked
+
+
+def _check_reference(reference: Any) -> None:
+    """The package's reference outputs: at least one sample, each a mapping of name → numeric array."""
+    if not isinstance(reference, Sequence) or not reference:
+        raise HealthCheckError("health check: the package has no reference outputs")
+    names = None
+    for i, sample in enumerate(reference):
+        if not isinstance(sample, Mapping) or not sample:
+            raise HealthCheckError(f"health check: reference sample {i} is not a mapping of outputs")
+        if names is None:
+            names = set(sample)
+        elif set(sample) != names:
+            raise HealthCheckError(f"health check: reference sample {i} names other outputs than sample 0")
+        for name, value in sample.items():
+            dtype = getattr(value, "dtype", None)
+            if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
+                raise HealthCheckError(f"health check: reference output {name!r} (sample {i}) is not a numeric array")

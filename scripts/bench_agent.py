@@ -136,7 +136,7 @@ def _fetch_transfer(broker_cfg: Any, published: Any, data_dir: Path, window: int
         fetcher = PackageFetcher(client, FLEET, device, data_dir, window=window)
         holder["f"] = fetcher
         t0 = time.perf_counter()
-        path = fetcher.fetch(published.desired())
+        path = fetcher.fetch(published.statement(FLEET, device, 1))
         elapsed = time.perf_counter() - t0
         stats = fetcher.stats
     finally:
@@ -185,7 +185,7 @@ def bench_transfer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load = bc.LoadMonitor()
     with bc.Mosquitto(work / "mosq-transfer") as broker:
         cfg = parse_broker_url(broker.url)
-        server = RepositoryServer(cfg, FLEET, work / "repo")
+        server = RepositoryServer(cfg, FLEET, work / "repo", **UNLIMITED)
         server.start()
         try:
             for rep in range(args.transfer_reps):
@@ -322,6 +322,27 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # == 3. selection accuracy ============================================================================
+# The repository's per-device rate limit (4 MiB/s by default) would cap the transfer benchmark.
+UNLIMITED = dict(bytes_per_s=float("inf"), burst_bytes=float("inf"), blocks_per_s=float("inf"),
+                 burst_blocks=float("inf"))
+
+
+def _fleet_public(keys_dir: Path) -> Path:
+    """The fleet key pair that signs the benchmark's deployment statements (made once)."""
+    from edgesdk.signing import generate_keys
+
+    folder = keys_dir / "fleet"
+    if not (folder / "signing.key").exists():
+        generate_keys(folder)
+    return folder / "signing.pub"
+
+
+def _fleet_key(keys_dir: Path):  # noqa: ANN202
+    from edgesdk.signing import load_private_key
+
+    return load_private_key(_fleet_public(keys_dir).with_name("signing.key"))
+
+
 def _ensure_package(model: str, packages_dir: Path, work: Path) -> tuple[Path, Path, bool]:
     """(package, public key, built_here): reuse bench_packager's package, or build one now."""
     pkg = packages_dir / f"{model}-1.0.0-x86-64-cpu.edgepkg"
@@ -451,7 +472,8 @@ def _run_agent(work: Path, name: str, broker_url: str, pub: Path, settle_s: floa
     config = data / "agent.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "device_id": f"bench-{name}", "fleet": FLEET, "broker": broker_url, "data_dir": str(data / "state"),
-        "trusted_keys": [str(pub)], "api": f"127.0.0.1:{port}", "target": "x86-64-cpu",
+        "trusted_keys": [str(pub)], "fleet_keys": [str(_fleet_public(pub.parent))],
+        "api": f"127.0.0.1:{port}", "target": "x86-64-cpu",
         "selection_budget_s": budget_s, "log_level": "warning"}))
     log = open(data / "agent.log", "wb")
     proc = subprocess.Popen(_agent_command(config), stdout=log, stderr=subprocess.STDOUT)
@@ -517,7 +539,7 @@ def bench_rss(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                                              want_model=False, timeout_s=60)
         published = publish_package(pkg, work / "rss-repo", trusted_keys=[load_public_key(pub)])
         with RepositoryServer(cfg, FLEET, work / "rss-repo"):
-            deploy(cfg, FLEET, ["bench-model"], published)
+            deploy(cfg, FLEET, ["bench-model"], published, _fleet_key(pub.parent))
             print(f"[rss] edge-agent with {model} installed over MQTT …", flush=True)
             out["rows"][f"edge-agent run, {model} active"] = _run_agent(
                 work, "model", broker.url, pub, settle, args.selection_budget, want_model=True, timeout_s=180)

@@ -1,9 +1,8 @@
-"""Fleet commands: `edgesdk serve`, `publish`, `deploy`, and `telemetry watch`."""
+"""Fleet commands: `edgesdk serve`, `publish`, and `telemetry watch` (`deploy` is in deploy_cmd)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -11,65 +10,58 @@ from pathlib import Path
 
 import typer
 
+from edgesdk.cli.broker_options import B, broker_config as _broker
 from edgesdk.cli.common import console, handle_errors, out, print_json
 from edgesdk.errors import ConfigError
 
-BROKER_HELP = "Broker URL: mqtt://host[:1883] or mqtts://host[:8883] (TLS)."
-
-
-def _broker(url: str, ca: Path | None, cert: Path | None, client_key: Path | None, username: str | None,
-            password: str | None):
-    from edgesdk.broker import TlsConfig, parse_broker_url
-
-    tls = None
-    if url.startswith("mqtts://"):
-        tls = TlsConfig(ca_file=ca, cert_file=cert, key_file=client_key)
-    elif ca or cert or client_key:
-        raise ConfigError("--ca/--cert/--client-key need an mqtts:// broker URL")
-    password = password or os.environ.get("EDGESDK_BROKER_PASSWORD")
-    return parse_broker_url(url, tls=tls, username=username, password=password)
-
-
-def _broker_options():
-    return dict(
-        broker=typer.Option("mqtt://127.0.0.1:1883", "--broker", help=BROKER_HELP),
-        ca=typer.Option(None, "--ca", help="CA certificate file for mqtts:// (default: system CAs)."),
-        cert=typer.Option(None, "--cert", help="Client certificate for mqtts:// (with --client-key)."),
-        client_key=typer.Option(None, "--client-key", help="Client certificate's private key."),
-        username=typer.Option(None, "--username", help="Broker username."),
-        password=typer.Option(None, "--password", help="Broker password (or $EDGESDK_BROKER_PASSWORD)."),
-    )
-
-
-_B = _broker_options()
+_B = B
 
 
 @handle_errors
 def serve(
     fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic root edgesdk/v1/FLEET/)."),
     repo: Path = typer.Option(..., "--repo", help="Package repository folder (filled by `edgesdk publish`)."),
+    share_group: str = typer.Option("edgesdk-repo", "--share-group", envvar="EDGESDK_SHARE_GROUP",
+                                    help="MQTT 5 shared-subscription group of the repository processes "
+                                    "(`edgesdk broker config` writes a secret one into fleet-service.env)."),
+    fleet_key: Path = typer.Option(None, "--fleet-key", envvar="EDGESDK_FLEET_KEY",
+                                   help="Fleet key: with it, serve re-issues live deployment statements before "
+                                   "they expire (without it, statements lapse after their lifetime)."),
+    renew_every: float = typer.Option(3600.0, "--renew-every", help="Seconds between statement renewal checks."),
     broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
-    username: str = _B["username"], password: str = _B["password"],
+    username: str = _B["username"], password: str = _B["password"], password_file: Path = _B["password_file"],
 ) -> None:
-    """Serve the package repository over MQTT until SIGTERM/SIGINT.
+    """Run the fleet service until SIGTERM/SIGINT: the package repository, and statement renewal.
 
     Answers devices' block requests from the files in --repo. Several `serve` processes can run
-    at once: they share the requests through an MQTT 5 shared subscription.
+    at once: they share the requests through an MQTT 5 shared subscription. With --fleet-key it
+    also re-signs each live deployment statement when a third of its lifetime is left.
     """
     from edgesdk.fleet.repository import RepositoryServer, list_packages
+    from edgesdk.signing import load_private_key
 
-    config = _broker(broker, ca, cert, client_key, username, password)
+    config = _broker(broker, ca, cert, client_key, username, password, password_file)
     if not repo.is_dir():
         raise ConfigError(f"--repo {repo}: no such folder (publish a package into it first)")
+    key = load_private_key(fleet_key) if fleet_key is not None else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = RepositoryServer(config, fleet, repo)
+    server = RepositoryServer(config, fleet, repo, share_group=share_group)
     server.start()
-    console.print(f"serving {len(list_packages(repo))} package(s) from {repo} on {config.url} (fleet {fleet})")
+    renewer = None
+    if key is not None:
+        from edgesdk.fleet.renewal import StatementRenewer
+
+        renewer = StatementRenewer(config, fleet, key, check_every_s=renew_every)
+        renewer.start()
+    console.print(f"serving {len(list_packages(repo))} package(s) from {repo} on {config.url} (fleet {fleet}); "
+                  f"statement renewal {'on' if renewer else 'off (no --fleet-key)'}")
     try:
         stop.wait()
     finally:
+        if renewer is not None:
+            renewer.stop()
         server.stop()
     console.print("repository stopped")
 
@@ -83,8 +75,13 @@ def publish(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Verify a package (signature and every file's hash) and add it to the repository by sha256."""
+    from edgesdk.fleet.broker_policy import check_output_folder
     from edgesdk.fleet.repository import publish_package
     from edgesdk.signing import PUBLIC_NAME, default_key_dir, load_public_key
+
+    if not package.is_file():
+        raise ConfigError(f"{package}: no such package file")
+    check_output_folder(repo, "--repo")  # one line before any work, never a traceback
 
     paths = list(public_key) or [default_key_dir() / PUBLIC_NAME]
     if not public_key and not paths[0].exists():
@@ -99,27 +96,6 @@ def publish(
               f"{published.package_id} — {published.size / 1e6:.2f} MB, signed by {published.signer}")
 
 
-@handle_errors
-def deploy(
-    package: str = typer.Argument(..., help="A published package: its id (or a unique prefix) or its .edgepkg file."),
-    device: list[str] = typer.Option(..., "--device", help="Device id (repeatable)."),
-    fleet: str = typer.Option("default", "--fleet", help="Fleet name."),
-    repo: Path = typer.Option(..., "--repo", help="Package repository folder the package was published to."),
-    rollout_id: str = typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
-    broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
-    username: str = _B["username"], password: str = _B["password"],
-) -> None:
-    """Set the desired deployment (retained) of each device to a published package."""
-    from edgesdk.fleet.deploy import deploy as deploy_to
-    from edgesdk.fleet.repository import find_package
-
-    config = _broker(broker, ca, cert, client_key, username, password)
-    published = find_package(repo, package)
-    deploy_to(config, fleet, device, published, rollout_id=rollout_id)
-    out.print(f"desired {published.name} {published.version} ({published.package_id[:12]}) for "
-              f"{', '.join(device)} in fleet {fleet}")
-
-
 telemetry_app = typer.Typer(help="Watch what devices report.", no_args_is_help=True)
 
 
@@ -132,43 +108,35 @@ def watch(
     timeout: float = typer.Option(0, "--timeout", help="Exit after this many seconds (0: never)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
-    username: str = _B["username"], password: str = _B["password"],
+    username: str = _B["username"], password: str = _B["password"], password_file: Path = _B["password_file"],
 ) -> None:
-    """Print devices' state, install events and telemetry windows as they arrive."""
+    """Print devices' state, install events and telemetry windows as they arrive.
+
+    Everything a device sends is untrusted: it is printed literally (no markup, control characters
+    escaped), and a malformed message is one "malformed" line, never the end of the watch.
+    """
     import uuid
 
     from edgesdk import protocol
     from edgesdk.broker import connect_blocking, disconnect, make_client
 
-    config = _broker(broker, ca, cert, client_key, username, password)
+    config = _broker(broker, ca, cert, client_key, username, password, password_file)
+    if device != "+":
+        protocol.check_id(device, "--device")
     root = protocol.fleet_root(fleet)
     done = threading.Event()
     seen = {"telemetry": 0}
+    lock = threading.Lock()  # paho runs callbacks on its one network thread; the lock keeps that true
 
     def on_message(client, userdata, message) -> None:  # noqa: ANN001 - paho callback
-        parts = message.topic.split("/")
-        kind, dev = parts[-1], parts[-2]
         try:
-            data = json.loads(message.payload) if message.payload else {}
-        except ValueError:
-            data = {"raw": message.payload[:80].decode(errors="replace")}
-        if as_json:
-            print(json.dumps({"device": dev, "kind": kind, "data": data}), flush=True)
-        elif kind == "telemetry":
-            p = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-            out.print(f"{dev} telemetry #{data.get('seq')}: {data.get('count')} calls, {data.get('errors')} errors, "
-                      f"p50 {p(data.get('p50_ms'))} p95 {p(data.get('p95_ms'))} p99 {p(data.get('p99_ms'))} "
-                      f"max {p(data.get('max_ms'))} ms — {data.get('variant')} on {data.get('provider')}")
-        elif kind == "events":
-            extra = data.get("reason") or (f"{data['progress']:.0%}" if data.get("progress") is not None else "")
-            out.print(f"{dev} event {data.get('kind')} {str(data.get('package_id'))[:12]} {extra}")
-        elif kind == "state":
-            out.print(f"{dev} state: {'online' if data.get('online') else 'offline'}, active "
-                      f"{str(data.get('active_package'))[:12]} {data.get('active_variant')} on {data.get('provider')}")
-        if kind == "telemetry":
-            seen["telemetry"] += 1
-            if count and seen["telemetry"] >= count:
-                done.set()
+            with lock:
+                if _show(message.topic, message.payload, as_json):
+                    seen["telemetry"] += 1
+                    if count and seen["telemetry"] >= count:
+                        done.set()
+        except Exception as exc:  # noqa: BLE001 - a device must never be able to end the watch
+            _line(f"malformed message on {message.topic}: {type(exc).__name__}")
 
     client = make_client(f"edgesdk-watch-{uuid.uuid4().hex[:8]}", config, clean_start=True)
     client.on_message = on_message
@@ -189,8 +157,65 @@ def watch(
         raise typer.Exit(1)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _safe(value: object, limit: int = 200) -> str:
+    """Device-supplied text for one terminal line: control characters (ANSI escapes, newlines)
+    escaped, length bounded. Rich markup is switched off where it is printed (`_line`)."""
+    text = str(value).translate(_CONTROL)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _line(text: str) -> None:
+    # markup=False: a device id or reason like "[bold red]" or "[link=…]" prints as typed.
+    out.print(text, markup=False, emoji=False, highlight=False)
+
+
+def _num(value: object) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _show(topic: str, payload: bytes, as_json: bool) -> bool:
+    """Print one message; True when it was a valid telemetry window (what --count counts)."""
+    from edgesdk import protocol
+    from edgesdk.errors import ProtocolError
+
+    parts = topic.split("/")
+    kind, dev = parts[-1], parts[-2] if len(parts) >= 2 else "?"
+    classes = {"telemetry": protocol.TelemetryWindow, "events": protocol.InstallEvent, "state": protocol.DeviceState}
+    if kind not in classes:
+        return False
+    if not payload and kind == "state":  # a cleared retained state
+        return False
+    try:
+        data = protocol.parse_json(payload, topic)
+        message = classes[kind].from_dict(data, topic)
+    except ProtocolError as exc:
+        if as_json:
+            print(json.dumps({"device": dev, "kind": kind, "malformed": str(exc)}), flush=True)
+        else:
+            _line(f"{_safe(dev)} {kind}: malformed message ignored ({_safe(exc)})")
+        return False
+    if as_json:
+        print(json.dumps({"device": dev, "kind": kind, "data": data}), flush=True)
+    elif kind == "telemetry":
+        w = message
+        _line(f"{_safe(dev)} telemetry #{w.seq}: {w.count} calls, {w.errors} errors, p50 {_num(w.p50_ms)} "
+              f"p95 {_num(w.p95_ms)} p99 {_num(w.p99_ms)} max {_num(w.max_ms)} ms — {_safe(w.variant)} on "
+              f"{_safe(w.provider)}")
+    elif kind == "events":
+        e = message
+        extra = e.reason or (f"{e.progress:.0%}" if e.progress is not None else "")
+        _line(f"{_safe(dev)} event {e.kind.value} {_safe(e.package_id[:12])} {_safe(extra)}")
+    else:
+        st = message
+        _line(f"{_safe(dev)} state: {'online' if st.online else 'offline'}, active "
+              f"{_safe(str(st.active_package)[:12])} {_safe(st.active_variant)} on {_safe(st.provider)}")
+    return kind == "telemetry"
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("publish")(publish)
-    app.command("deploy")(deploy)
     app.add_typer(telemetry_app, name="telemetry")

@@ -8,12 +8,21 @@ Layout of ``repo_dir`` (package id = sha256 of the .edgepkg):
 The server trusts its store (publish verified it) and serves bytes as they are; the agent is the
 verifier: a block that does not match the index is re-requested and finally refused.
 Several servers may run at once behind the shared subscription; each request goes to one.
+
+The server cannot tell who published a request (MQTT does not say; the broker ACL only limits
+what a device may publish), so it treats the ResponseTopic's device as the requester and bounds
+what any request can cause: replies go only to a device's own blocks topic, at most
+``max_blocks_per_request`` blocks per request, and token buckets per response topic (messages
+and bytes per second), so neither a flooding device nor a forged response topic can make the
+server send a device more than burst + rate x time, or starve the other devices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -23,8 +32,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -35,12 +44,14 @@ from paho.mqtt.properties import Properties
 from edgesdk import protocol
 from edgesdk.atomicfile import fsync_dir, write_bytes_atomic
 from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client
-from edgesdk.errors import BrokerError, PackageError, ProtocolError
+from edgesdk.errors import BrokerError, ConfigError, PackageError, ProtocolError
 from edgesdk.package import open_package, verify_package
-from edgesdk.protocol import BlockRequest, BlockResponse, BlockStatus, DesiredDeployment
+from edgesdk.protocol import BlockRequest, BlockResponse, BlockStatus, DeploymentStatement
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
+# An honest request is under 1 KiB (64 block numbers); anything far larger is refused unread.
+MAX_REQUEST_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,16 @@ class PublishedPackage:
     block_size: int
     signer: str | None = None  # key id that signed it, when publish checked the signature
 
-    def desired(self, rollout_id: str | None = None, issued_at: float | None = None) -> DesiredDeployment:
-        return DesiredDeployment(self.package_id, self.name, self.version, self.target, self.sha256,
-                                 self.size, self.block_size, self.blocks_digest, rollout_id,
-                                 time.time() if issued_at is None else issued_at)
+    def statement(self, fleet: str, device: str, serial: int, *, issued_at: float | None = None,
+                  lifetime_s: float = protocol.DEFAULT_LIFETIME_S, rollout_id: str | None = None,
+                  rollback: bool = False) -> DeploymentStatement:
+        """The (unsigned) deployment statement that tells ``device`` to run this package."""
+        now = time.time() if issued_at is None else issued_at
+        return DeploymentStatement(fleet=fleet, device=device, package_id=self.package_id, name=self.name,
+                                   version=self.version, target=self.target, size=self.size,
+                                   block_size=self.block_size, blocks_digest=self.blocks_digest, serial=serial,
+                                   issued_at=now, expires=now + lifetime_s, rollout_id=rollout_id,
+                                   rollback=rollback)
 
 
 def publish_package(pkg_path: str | Path, repo_dir: str | Path,
@@ -170,6 +187,9 @@ class _Entry:
         self.block_size = block_size
         self.block_count = len(index) // protocol.DIGEST_SIZE
 
+    def block_length(self, block: int) -> int:
+        return max(0, min(self.block_size, self.size - block * self.block_size))
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -181,6 +201,79 @@ class ServerStats:
     bad_requests: int = 0
     not_found: int = 0
     dropped: int = 0  # queue full, or no usable response topic
+    rate_limited: int = 0  # requests dropped because their requester was over its limits
+    delayed: int = 0  # requests served late (within max_delay_s) to keep a requester within its limits
+
+
+class _Bucket:
+    """Token levels of one requester; they go negative when a request borrowed from the future."""
+
+    __slots__ = ("messages", "bytes", "at")
+
+    def __init__(self, messages: float, nbytes: float, at: float) -> None:
+        self.messages, self.bytes, self.at = messages, nbytes, at
+
+
+class RequesterLimits:
+    """Token buckets per requester (messages and bytes), bounded in number (least recently used go).
+
+    ``admit`` answers how long a request must wait to fit the requester's rate (0: serve now) or
+    None (over the limit by more than ``max_delay_s``: drop it). Waiting rather than dropping keeps
+    an honest fetcher, which asks again only after its request timeout, near the limit instead of
+    far below it. A request larger than the burst is admitted when the bucket is full and leaves
+    it in debt, so over any span T a requester gets at most burst + rate x T + one request.
+    """
+
+    def __init__(self, messages_per_s: float, burst_messages: float, bytes_per_s: float, burst_bytes: float,
+                 max_delay_s: float, max_requesters: int) -> None:
+        for name, value in (("blocks_per_s", messages_per_s), ("burst_blocks", burst_messages),
+                            ("bytes_per_s", bytes_per_s), ("burst_bytes", burst_bytes)):
+            if not value > 0:
+                raise ConfigError(f"repository rate limit {name} must be positive, got {value!r}")
+        self.rates = (messages_per_s, bytes_per_s)
+        self.bursts = (burst_messages, burst_bytes)
+        self.max_delay_s = max_delay_s
+        self.max_requesters = max(1, max_requesters)
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def admit(self, requester: str, messages: int, nbytes: int, now: float) -> float | None:
+        bucket = self._buckets.get(requester)
+        if bucket is None:
+            bucket = self._buckets[requester] = _Bucket(*self.bursts, now)
+            while len(self._buckets) > self.max_requesters:
+                self._buckets.popitem(last=False)
+        self._buckets.move_to_end(requester)
+        (mrate, brate), (mburst, bburst) = self.rates, self.bursts
+        elapsed = max(0.0, now - bucket.at)
+        bucket.messages = min(mburst, bucket.messages + elapsed * mrate)
+        bucket.bytes = min(bburst, bucket.bytes + elapsed * brate)
+        bucket.at = now
+        wait = max(0.0, (min(messages, mburst) - bucket.messages) / mrate,
+                   (min(nbytes, bburst) - bucket.bytes) / brate)
+        if wait > self.max_delay_s:
+            return None
+        bucket.messages -= messages
+        bucket.bytes -= nbytes
+        return wait
+
+
+@dataclass
+class _Request:
+    """A block request as queued for the worker (the payload dropped when it is far too large)."""
+
+    topic: str
+    payload: bytes | None
+    size: int
+    reply_to: str
+    requester: str
+    correlation: bytes
+
+
+@dataclass(order=True)
+class _Delayed:
+    due: float
+    seq: int
+    serve: Callable[[], None] = field(compare=False)
 
 
 class RepositoryServer:
@@ -190,30 +283,54 @@ class RepositoryServer:
     server takes none; a request naming another block size gets BAD_REQUEST.
 
     ``start()``/``stop()`` run it on background threads; ``serve_forever(stop_event)`` blocks.
-    A paho network thread queues requests; one worker thread reads blocks (pread on cached file
-    handles) and publishes QoS 1 responses, waiting for acknowledgements once more than
-    ``max_pending`` responses are unacknowledged so memory stays bounded.
+    A paho network thread queues requests (at most ``max_queued_per_requester`` per requester, so
+    one device cannot fill the queue); one worker thread checks each against its requester's
+    limits (``blocks_per_s``/``burst_blocks`` reply messages, ``bytes_per_s``/``burst_bytes``),
+    reads blocks (pread on cached file handles) and publishes QoS 1 responses, waiting for
+    acknowledgements once more than ``max_pending`` responses are unacknowledged so memory stays
+    bounded. Defaults: 4 MiB/s per device (32 Mbit/s, above most device links; 16 blocks/s of
+    256 KiB) with an 8 MiB burst, 128 messages/s for small block sizes.
     """
 
     def __init__(self, broker_config: BrokerConfig, fleet: str, repo_dir: str | Path, *,
-                 client_id: str | None = None,
+                 client_id: str | None = None, share_group: str = protocol.SHARE_GROUP,
                  max_blocks_per_request: int = 16, max_queued_requests: int = 1024,
-                 max_pending: int = 64, publish_timeout_s: float = 10.0, max_open_files: int = 32) -> None:
+                 max_pending: int = 64, publish_timeout_s: float = 10.0, max_open_files: int = 32,
+                 blocks_per_s: float = 128.0, burst_blocks: float = 256.0,
+                 bytes_per_s: float = 4 * 1024 * 1024, burst_bytes: float = 8 * 1024 * 1024,
+                 max_delay_s: float = 1.0, max_queued_per_requester: int = 64,
+                 max_requesters: int = 4096) -> None:
         self.config = broker_config
         self.fleet = protocol.check_name(fleet, "fleet")
         self.repo_dir = Path(repo_dir)
         self.client_id = client_id or f"edgesdk-repo-{uuid.uuid4().hex[:12]}"
-        self.max_blocks = min(max_blocks_per_request, protocol.MAX_BLOCKS_PER_REQUEST)
+        # The broker grants any SUBSCRIBE and filters on delivery, so a device joining a
+        # well-known share group would be handed requests it may not read (and they are lost):
+        # `edgesdk broker config` gives the fleet service a secret group ($EDGESDK_SHARE_GROUP).
+        self.share_group = protocol.check_id(share_group, "share group")
+        self.max_blocks = max(1, min(max_blocks_per_request, protocol.MAX_BLOCKS_PER_REQUEST))
         self.max_pending = max_pending
         self.publish_timeout_s = publish_timeout_s
         self.max_open_files = max_open_files
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_per_requester = max(1, max_queued_per_requester)
+        self.limits = RequesterLimits(blocks_per_s, burst_blocks, bytes_per_s, burst_bytes, max_delay_s,
+                                      max_requesters)
         self.stats = ServerStats()
-        self._requests: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(max_queued_requests)
+        self._stats_lock = threading.Lock()
+        self._requests: queue.Queue[_Request | None] = queue.Queue(max_queued_requests)
+        self._queued: dict[str, int] = {}  # requests in the queue per requester (paho and worker threads)
+        self._delayed: list[_Delayed] = []
+        self._order = itertools.count()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: deque[mqtt.MQTTMessageInfo] = deque()
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self._subscribed = threading.Event()
+
+    def _count(self, name: str, by: int = 1) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + by)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -263,82 +380,164 @@ class RepositoryServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- paho thread -------------------------------------------------------------------------
+    # -- paho thread: nothing a peer sends may raise out of a callback (it would stop the loop) --
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason: mqtt.ReasonCode, props: object) -> None:
-        if not reason.is_failure:
-            client.subscribe(protocol.package_get_shared(self.fleet), qos=1)
+        try:
+            if not reason.is_failure:
+                client.subscribe(protocol.package_get_shared(self.fleet, self.share_group), qos=1)
+        except Exception:
+            log.exception("repository: could not subscribe after connecting")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
                       props: object) -> None:
-        if reasons and not reasons[0].is_failure:
-            self._subscribed.set()
-        else:
-            log.error("repository: broker refused the shared subscription: %s", reasons)
+        try:
+            if reasons and not reasons[0].is_failure:
+                self._subscribed.set()
+            else:
+                log.error("repository: broker refused the shared subscription: %s", reasons)
+        except Exception:
+            log.exception("repository: unreadable SUBACK")
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._requests.put_nowait(msg)
+            self._enqueue(msg)
+        except Exception:
+            self._count("dropped")
+            log.exception("repository: dropped an unreadable message")
+
+    def _enqueue(self, msg: mqtt.MQTTMessage) -> None:
+        props = msg.properties
+        reply_to = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", b"") or b""
+        parsed = protocol.parse_device_topic(self.fleet, reply_to) if isinstance(reply_to, str) else None
+        if parsed is None or parsed[1] != "blocks":
+            # Only a device's own blocks topic: never reflect block data onto arbitrary topics.
+            self._count("requests")
+            self._count("dropped")
+            return
+        requester = parsed[0]
+        with self._stats_lock:
+            if self._queued.get(requester, 0) >= self.max_queued_per_requester:
+                self.stats.requests += 1
+                self.stats.rate_limited += 1
+                return
+            self._queued[requester] = self._queued.get(requester, 0) + 1
+        size = len(msg.payload)
+        request = _Request(msg.topic, msg.payload if size <= MAX_REQUEST_BYTES else None, size, reply_to,
+                           requester, bytes(correlation))
+        try:
+            self._requests.put_nowait(request)
         except queue.Full:
-            self.stats.dropped += 1  # the device re-requests after its request timeout
+            self._release(requester)
+            self._count("requests")
+            self._count("dropped")  # the device re-requests after its request timeout
+
+    def _release(self, requester: str) -> None:
+        with self._stats_lock:
+            left = self._queued.get(requester, 1) - 1
+            if left > 0:
+                self._queued[requester] = left
+            else:
+                self._queued.pop(requester, None)
 
     # -- worker thread -----------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            msg = self._requests.get()
-            if msg is None:
-                return
+            timeout = max(0.0, self._delayed[0].due - time.monotonic()) if self._delayed else None
             try:
-                self._handle(msg)
-            except Exception:  # never let one request kill the server
-                log.exception("repository: failed to answer a request on %s", msg.topic)
+                request = self._requests.get(timeout=timeout)
+            except queue.Empty:
+                request = _IDLE
+            if request is None:
+                self._delayed.clear()
+                return
+            now = time.monotonic()
+            while self._delayed and self._delayed[0].due <= now:
+                self._guarded(heapq.heappop(self._delayed).serve, "a delayed request")
+            if request is not _IDLE:
+                self._release(request.requester)
+                self._guarded(lambda: self._handle(request), f"a request on {request.topic}")
 
-    def _handle(self, msg: mqtt.MQTTMessage) -> None:
-        self.stats.requests += 1
-        props = msg.properties
-        reply_to = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", b"") or b""
-        parsed = protocol.parse_device_topic(self.fleet, reply_to or "")
-        if parsed is None or parsed[1] != "blocks":
-            # Only a device's own blocks topic: never reflect block data onto arbitrary topics.
-            self.stats.dropped += 1
-            return
-        if len(correlation) > protocol.MAX_CORRELATION_BYTES:
-            self._bad(reply_to, b"", f"correlation data over {protocol.MAX_CORRELATION_BYTES} bytes")
-            return
-        package_id = protocol.parse_package_get(self.fleet, msg.topic)
+    def _guarded(self, action: Callable[[], None], what: str) -> None:
         try:
-            request = BlockRequest.from_json(msg.payload, msg.topic)
-        except ProtocolError as exc:
-            self._bad(reply_to, correlation, str(exc))
+            action()
+        except Exception:  # never let one request kill the server
+            log.exception("repository: failed to answer %s", what)
+
+    def _handle(self, req: _Request) -> None:
+        self._count("requests")
+        if len(req.correlation) > protocol.MAX_CORRELATION_BYTES:
+            self._bad(req, f"correlation data over {protocol.MAX_CORRELATION_BYTES} bytes", correlation=b"")
+            return
+        if req.payload is None:
+            self._bad(req, f"request of {req.size} bytes exceeds {MAX_REQUEST_BYTES}")
+            return
+        package_id = protocol.parse_package_get(self.fleet, req.topic)
+        try:
+            request = BlockRequest.from_json(req.payload, req.topic)
+        except (ProtocolError, RecursionError, ValueError, TypeError) as exc:
+            self._bad(req, str(exc) if isinstance(exc, ProtocolError) else f"unreadable request ({type(exc).__name__})")
             return
         entry = self._entry(package_id) if package_id and protocol.is_sha256_hex(package_id) else None
-        if entry is None:
-            self.stats.not_found += 1
-            self._send(reply_to, correlation, BlockResponse(BlockStatus.NOT_FOUND, protocol.INDEX_BLOCK))
+        if entry is None or package_id is None:
+            self._count("not_found")
+            self._reply(req, [BlockResponse(BlockStatus.NOT_FOUND, protocol.INDEX_BLOCK)])
             return
         if request.block_size is not None and request.block_size != entry.block_size:
-            self._bad(reply_to, correlation, f"block size {request.block_size} differs from the "
-                      f"repository's {entry.block_size}")
+            self._bad(req, f"block size {request.block_size} differs from the repository's {entry.block_size}")
             return
         if request.index:
-            self._send(reply_to, correlation, BlockResponse(BlockStatus.OK, protocol.INDEX_BLOCK, entry.index))
+            self._reply(req, [BlockResponse(BlockStatus.OK, protocol.INDEX_BLOCK, entry.index)])
             return
         if len(request.blocks) > self.max_blocks:
-            self._bad(reply_to, correlation, f"more than {self.max_blocks} blocks in one request")
+            self._bad(req, f"more than {self.max_blocks} blocks in one request")
             return
-        for block in request.blocks:
+        blocks = request.blocks
+        nbytes = sum(entry.block_length(b) if b < entry.block_count else 0 for b in blocks)
+        self._admit(req, len(blocks), nbytes + protocol.HEADER_SIZE * len(blocks),
+                    lambda: self._serve_blocks(req, package_id, blocks))
+
+    def _serve_blocks(self, req: _Request, package_id: str, blocks: tuple[int, ...]) -> None:
+        entry = self._entry(package_id)  # again: a delayed request may find the file closed or replaced
+        if entry is None:
+            self._send(req.reply_to, req.correlation, BlockResponse(BlockStatus.NOT_FOUND, protocol.INDEX_BLOCK))
+            return
+        for block in blocks:
             if block >= entry.block_count:
-                self._send(reply_to, correlation, BlockResponse(BlockStatus.OUT_OF_RANGE, block))
+                self._send(req.reply_to, req.correlation, BlockResponse(BlockStatus.OUT_OF_RANGE, block))
                 continue
             data = os.pread(entry.fd, entry.block_size, block * entry.block_size)
-            self._send(reply_to, correlation, BlockResponse(BlockStatus.OK, block, data))
-            self.stats.blocks_served += 1
+            self._send(req.reply_to, req.correlation, BlockResponse(BlockStatus.OK, block, data))
+            self._count("blocks_served")
 
-    def _bad(self, reply_to: str, correlation: bytes, reason: str) -> None:
-        self.stats.bad_requests += 1
-        self._send(reply_to, correlation,
-                   BlockResponse(BlockStatus.BAD_REQUEST, protocol.INDEX_BLOCK, reason.encode()[:512]))
+    def _bad(self, req: _Request, reason: str, correlation: bytes | None = None) -> None:
+        self._count("bad_requests")
+        self._reply(req, [BlockResponse(BlockStatus.BAD_REQUEST, protocol.INDEX_BLOCK, reason.encode()[:512])],
+                    correlation)
+
+    def _reply(self, req: _Request, responses: list[BlockResponse], correlation: bytes | None = None) -> None:
+        """Send small replies (errors, the index) within the requester's limits like any block."""
+        nbytes = sum(protocol.HEADER_SIZE + len(r.payload) for r in responses)
+        corr = req.correlation if correlation is None else correlation
+
+        def send() -> None:
+            for response in responses:
+                self._send(req.reply_to, corr, response)
+
+        self._admit(req, len(responses), nbytes, send)
+
+    def _admit(self, req: _Request, messages: int, nbytes: int, serve: Callable[[], None]) -> None:
+        now = time.monotonic()
+        wait = self.limits.admit(req.requester, messages, nbytes, now)
+        if wait is None or (wait > 0 and len(self._delayed) >= self.max_queued_requests):
+            self._count("rate_limited")  # the device asks again after its request timeout
+            return
+        if wait > 0:
+            self._count("delayed")
+            heapq.heappush(self._delayed, _Delayed(now + wait, next(self._order), serve))
+            return
+        serve()
 
     def _send(self, topic: str, correlation: bytes, response: BlockResponse) -> None:
         if self._client is None:
@@ -360,7 +559,7 @@ class RepositoryServer:
                     self._pending.popleft().wait_for_publish(remaining)
         info = self._client.publish(topic, response.encode(), qos=1, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self.stats.dropped += 1
+            self._count("dropped")
         else:
             self._pending.append(info)
 
@@ -391,3 +590,6 @@ class RepositoryServer:
         while len(self._entries) > self.max_open_files:
             self._entries.popitem(last=False)[1].close()
         return entry
+
+
+_IDLE = _Request("", None, 0, "", "", b"")  # the worker woke for a delayed request, not a new one

@@ -9,6 +9,7 @@
     agent_settings(...)       an agent.yaml's keys with test-sized timings; write_config writes the
                               YAML, build_config validates it into an AgentConfig
     running_agent(config)     an in-process Agent (injectable broker/factory), started and stopped
+    Rig                       one device with v1 installed and serving, its collector (fixture `rig`)
     AgentProcess, ServeProcess  `edge-agent run` and `edgesdk serve` as child processes
     Collector                 an MQTT subscriber on one device's state/events/telemetry/desired
                               that records everything and waits on predicates (no sleeps)
@@ -47,7 +48,8 @@ from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_clie
 from edgesdk.fleet.repository import PublishedPackage, RepositoryServer, publish_package
 from edgesdk.manifest import Manifest
 from edgesdk.pipeline.runner import HOST_PROVIDER
-from edgesdk.protocol import DesiredDeployment, DeviceState, InstallEvent, InstallEventKind, TelemetryWindow
+from edgesdk.protocol import (DeploymentStatement, DeviceState, InstallEvent, InstallEventKind, SignedStatement,
+                              TelemetryWindow, sign_statement)
 from edgesdk.signing import KeyPair, generate_keys, load_private_key, load_public_key
 
 T = TypeVar("T")
@@ -74,9 +76,35 @@ def device_topics(device_id: str) -> dict[str, str]:
             "desired": protocol.device_desired(FLEET, device_id)}
 
 
+# Secure brokers (tests/fixtures/broker.py SecureMosquitto) by URL: the agent tests run against
+# exactly the policy `edgesdk broker config` writes (TLS, passwords, ACL; no anonymous access).
+# Test clients on the fleet side log in as `fleet-service`; each agent gets its own credentials.
+SECURE_BROKERS: dict[str, Any] = {}
+
+
+def secure(broker: Any) -> Any:
+    """Register a SecureMosquitto so the helpers below log in to it by its URL."""
+    SECURE_BROKERS[broker.url] = broker
+    return broker
+
+
 def fast_broker(url: str) -> BrokerConfig:
-    """Broker settings for test clients: reconnect within a fraction of a second."""
-    return parse_broker_url(url, reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=5)
+    """Broker settings for fleet-side test clients: reconnect within a fraction of a second."""
+    timings = dict(reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=5)
+    broker = SECURE_BROKERS.get(url)
+    if broker is not None:
+        return broker.config(*broker.fleet_service, **timings)
+    return parse_broker_url(url, **timings)
+
+
+def broker_env(url: str) -> dict[str, str]:
+    """What `set -a; . fleet-service.env` exports (and the test fleet key), for CLI subprocesses."""
+    broker = SECURE_BROKERS.get(url)
+    env = dict(broker.env("fleet-service")) if broker is not None else {}
+    env["EDGESDK_BROKER"] = url
+    if _PACKAGES is not None:
+        env["EDGESDK_FLEET_KEY"] = str(_PACKAGES.fleet_keys.private_path)
+    return env
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = WAIT_S, what: str = "condition",
@@ -104,19 +132,28 @@ class BuiltPackage:
     def pid(self) -> str:
         return self.published.package_id
 
-    def desired(self, rollout_id: str | None = None) -> DesiredDeployment:
-        return self.published.desired(rollout_id)
+    def statement(self, device_id: str, **fields: Any) -> DeploymentStatement:
+        """An unsigned statement for ``device_id`` (``fields``: serial, rollback, rollout_id, ...)."""
+        from edgesdk.fleet.deploy import next_serial
+
+        serial = fields.pop("serial", None) or next_serial()
+        return self.published.statement(FLEET, device_id, serial, **fields)
 
 
 @dataclass(frozen=True)
 class PackageSet:
     root: Path
     keys: KeyPair  # the release key every test agent trusts
+    fleet_keys: KeyPair  # the fleet key every test agent trusts for deployment statements
     repo: Path  # repository folder holding all four packages
     v1: BuiltPackage
     v2: BuiltPackage
     arm: BuiltPackage  # built for ARM_PROFILE (aarch64)
     untrusted: BuiltPackage  # v1's files, signed by a key no agent trusts
+
+    def sign(self, statement: DeploymentStatement) -> SignedStatement:
+        """``statement`` signed with the fleet key the test agents trust."""
+        return sign_statement(statement, load_private_key(self.fleet_keys.private_path))
 
     def by_pid(self, pid: str) -> BuiltPackage:
         for pkg in (self.v1, self.v2, self.arm, self.untrusted):
@@ -149,6 +186,7 @@ def _build_package_set(root: Path) -> PackageSet:
     from tests.fixtures.tiny_models import mlp_model
 
     keys = generate_keys(root / "keys")
+    fleet_keys = generate_keys(root / "fleet-keys")
     trusted = [load_public_key(keys.public_path)]
     repo = root / "repo"
     x86 = load_builtin("x86-64-cpu")
@@ -175,7 +213,7 @@ def _build_package_set(root: Path) -> PackageSet:
                         load_private_key(rogue.private_path))
     # The repository serves what it is given: publish checks structure only for this one.
     untrusted = BuiltPackage(pkg, manifest, v1.model, publish_package(pkg, repo))
-    return PackageSet(root, keys, repo, v1, v2, arm, untrusted)
+    return PackageSet(root, keys, fleet_keys, repo, v1, v2, arm, untrusted)
 
 
 @dataclass
@@ -246,7 +284,7 @@ def seeded_data_dir(packages: PackageSet, dest: Path) -> Path:
 
 
 def _seed(packages: PackageSet, data_dir: Path) -> Path:
-    from agent.installer import Installer
+    from agent.installer import Installer, InstallOutcome
     from agent.model_host import ModelHost
     from agent.store import VersionStore
     from agent.telemetry import LatencyRecorder
@@ -257,12 +295,12 @@ def _seed(packages: PackageSet, data_dir: Path) -> Path:
     installer = Installer(VersionStore(data_dir), host, [load_public_key(packages.keys.public_path)], hardware(),
                           available_providers(), lambda kind, pid, **kw: events.append((kind, kw)), budget_s=0.6)
 
-    def fetch(desired: DesiredDeployment, progress: Callable[[float], None]) -> Path:
+    def fetch(statement: DeploymentStatement, progress: Callable[[float], None]) -> Path:
         copy = packages.root / "seed-download.edgepkg"  # the installer deletes what fetch returns
         shutil.copyfile(packages.v1.path, copy)
         return copy
 
-    if not installer.install(packages.v1.desired(), fetch):
+    if installer.install(packages.v1.statement("seed"), fetch) is not InstallOutcome.ACTIVE:
         raise AssertionError(f"seeding v1 failed: {events}")
     model = host.swap(None)
     if model is not None:
@@ -276,9 +314,14 @@ def agent_settings(packages: PackageSet, broker_url: str, data_dir: Path, device
     """The keys of an agent.yaml with test-sized timings; ``overrides`` replace or add keys."""
     settings: dict[str, Any] = {
         "device_id": device_id, "fleet": FLEET, "broker": broker_url, "data_dir": str(data_dir),
-        "trusted_keys": [str(packages.keys.public_path)], "api": api,
+        "trusted_keys": [str(packages.keys.public_path)], "fleet_keys": [str(packages.fleet_keys.public_path)],
+        "api": api,
         "telemetry_interval_s": 0.5, "selection_budget_s": 1, "stall_timeout_s": 3, "log_level": "info",
     }
+    broker = SECURE_BROKERS.get(broker_url)
+    if broker is not None:  # what `edgesdk devices provision` writes: CA, login as the device id
+        username, password = broker.provision(device_id)
+        settings.update({"tls": {"ca": str(broker.ca)}, "username": username, "password": password})
     settings.update(overrides)
     return {k: v for k, v in settings.items() if v is not None}
 
@@ -299,7 +342,9 @@ def new_device_id(prefix: str = "dev") -> str:
 # -- the fleet side ------------------------------------------------------------------------------
 @contextmanager
 def repository(broker_url: str, repo_dir: Path) -> Iterator[RepositoryServer]:
-    with RepositoryServer(fast_broker(broker_url), FLEET, repo_dir) as server:
+    broker = SECURE_BROKERS.get(broker_url)
+    group = broker.share_group if broker is not None else protocol.SHARE_GROUP
+    with RepositoryServer(fast_broker(broker_url), FLEET, repo_dir, share_group=group) as server:
         yield server
 
 
@@ -317,10 +362,17 @@ def publish_desired(broker_url: str, device_id: str, payload: bytes, timeout_s: 
         disconnect(client)
 
 
-def deploy(broker_url: str, device_id: str, pkg: BuiltPackage, rollout_id: str | None = None) -> DesiredDeployment:
+def deploy(broker_url: str, device_id: str, pkg: BuiltPackage, rollout_id: str | None = None,
+           rollback: bool = False) -> SignedStatement:
+    """What `edgesdk deploy` does: a statement signed with the test fleet key, retained."""
     from edgesdk.fleet.deploy import deploy as fleet_deploy
 
-    return fleet_deploy(fast_broker(broker_url), FLEET, [device_id], pkg.published, rollout_id=rollout_id)
+    packages = _PACKAGES
+    if packages is None:
+        raise AssertionError("package_set() has not run")
+    key = load_private_key(packages.fleet_keys.private_path)
+    return fleet_deploy(fast_broker(broker_url), FLEET, [device_id], pkg.published, key, rollout_id=rollout_id,
+                        rollback=rollback)[device_id]
 
 
 class Collector:
@@ -456,8 +508,11 @@ def retained(broker_url: str, topic: str, timeout: float = 10.0) -> bytes | None
 
 
 # -- processes -----------------------------------------------------------------------------------
-def subprocess_env(home: Path) -> dict[str, str]:
+def subprocess_env(home: Path, broker_url: str | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess; with ``broker_url``, the fleet service's login to it."""
     env = dict(os.environ)
+    if broker_url is not None:
+        env.update(broker_env(broker_url))
     env["EDGESDK_HOME"] = str(home)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("http_proxy", None)
@@ -562,3 +617,67 @@ def running_agent(config: AgentConfig, broker: BrokerConfig | None = None, **kwa
         yield agent
     finally:
         agent.stop()
+
+
+# -- one device serving v1 (fixture `rig` in conftest.py) ---------------------------------------
+@dataclass
+class Rig:
+    """One device: a data_dir where v1 is installed and active, its settings, a collector, the repository."""
+
+    broker: Any
+    packages: PackageSet
+    refs: ReferenceModels
+    tmp: Path
+    device: str
+    data_dir: Path
+    col: Collector
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        return agent_settings(self.packages, self.broker.url, self.data_dir, self.device, **overrides)
+
+    def config(self, **overrides: Any):  # noqa: ANN201
+        return build_config(self.settings(**overrides), self.tmp)
+
+    def served(self, url: str, seed: int = 3) -> str | None:
+        feeds = sample_feeds(seed)
+        return self.refs.which(_edge_client(url, timeout_s=10).infer(feeds)["logits"], feeds)
+
+    def wait_v1_online(self) -> None:
+        self.col.wait_state(lambda s: s.online and s.active_package == self.packages.v1.pid, what="v1 online")
+
+    def only_failure(self, package_id: str) -> InstallEvent:
+        """The one `failed` event of this install: wait for it, let later messages arrive, count."""
+        failed = self.col.wait_event(InstallEventKind.FAILED, package_id)
+        self.col.settle()
+        failures = self.col.of_kind(InstallEventKind.FAILED)
+        assert failures == [failed], f"expected one failed event, got {self.col.describe_events()}"
+        assert failed.reason and "\n" not in failed.reason and "Traceback" not in failed.reason
+        return failed
+
+    def persist_broker_state(self) -> None:
+        """From here on a broker restart, even after a kill, comes back with what the broker held at
+        the last clean stop, including this collector's subscription: messages for it published
+        before it has reconnected are queued for it, not lost."""
+        for _ in range(2):  # the second clean stop saves the collector's re-made subscription
+            acks = self.col.subacks
+            self.broker.restart()
+            self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
+
+    def assert_v1_still_serving(self, agent: Any) -> None:
+        assert self.served(agent.api.url) == "v1"
+        assert agent.store.active()["package_id"] == self.packages.v1.pid
+        assert agent.status()["active"]["package_id"] == self.packages.v1.pid
+        assert self.col.of_kind(InstallEventKind.ACTIVATED) == []
+
+
+@pytest.fixture
+def rig(mosquitto: MosquittoBroker, packages: PackageSet, refs: ReferenceModels, tmp_path: Path) -> Iterator[Rig]:
+    device = new_device_id("fault")
+    with Collector(mosquitto.url, device) as col:
+        yield Rig(mosquitto, packages, refs, tmp_path, device, seeded_data_dir(packages, tmp_path / "data"), col)
+
+
+def _edge_client(url: str, timeout_s: float):  # noqa: ANN202
+    from agent.client import EdgeClient
+
+    return EdgeClient(url, timeout_s=timeout_s)

@@ -3,6 +3,7 @@ exit, never a traceback; --help names the commands."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 def valid_settings(tmp_path: Path) -> dict:
     keys = generate_keys(tmp_path / "keys")
     return {"device_id": "cli-dev", "broker": "mqtt://127.0.0.1:1", "data_dir": str(tmp_path / "data"),
-            "trusted_keys": [str(keys.public_path)]}
+            "trusted_keys": [str(keys.public_path)], "fleet_keys": [str(keys.public_path)]}
 
 
 def error_lines(text: str) -> list[str]:
@@ -60,3 +61,32 @@ def test_help_lists_run_doctor_and_status(env: dict[str, str]) -> None:
     commands = {line.strip(" │").split()[0] for line in result.stdout.splitlines()
                 if line.strip(" │") and line.strip(" │").split()[0] in ("run", "doctor", "status")}
     assert commands == {"run", "doctor", "status"}
+
+
+def test_doctor_with_config_reports_unreachable_broker_and_fails(tmp_path: Path, env: dict[str, str]) -> None:
+    config = write_config(tmp_path / "agent.yaml", valid_settings(tmp_path))  # broker on port 1: refused
+    result = run_cli(["edge-agent", "doctor", "--config", str(config), "--json"], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["broker"]["ok"] is False
+    assert "cannot reach broker mqtt://127.0.0.1:1: connection refused" in report["broker"]["problem"]
+
+
+def test_doctor_with_config_says_broker_reachable(tmp_path: Path, env: dict[str, str], secure_mosquitto) -> None:
+    username, password = secure_mosquitto.provision("cli-dev")
+    config = write_config(tmp_path / "agent.yaml", valid_settings(tmp_path) | {
+        "broker": secure_mosquitto.url, "tls": {"ca": str(secure_mosquitto.ca)}, "username": username,
+        "password": password})
+    result = run_cli(["edge-agent", "doctor", "--config", str(config), "--json"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["broker"] == {"ok": True, "problem": None}
+
+
+def test_doctor_with_config_reports_wrong_password(tmp_path: Path, env: dict[str, str], secure_mosquitto) -> None:
+    secure_mosquitto.provision("cli-dev")
+    config = write_config(tmp_path / "agent.yaml", valid_settings(tmp_path) | {
+        "broker": secure_mosquitto.url, "tls": {"ca": str(secure_mosquitto.ca)}, "username": "cli-dev",
+        "password": "wrong"})
+    result = run_cli(["edge-agent", "doctor", "--config", str(config), "--json"], env)
+    assert result.returncode == 1
+    assert "refused the connection" in json.loads(result.stdout)["broker"]["problem"]

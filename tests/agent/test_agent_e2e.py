@@ -16,18 +16,18 @@ from edgesdk.protocol import DeviceState, InstallEventKind as K
 from tests.agent.agent_harness import (
     FLEET, AgentProcess, Collector, PackageSet, ReferenceModels, ServeProcess, agent_settings, build_config,
     deploy, device_topics, new_device_id, repository, retained, run_cli, running_agent,
-    sample_feeds,
-    seeded_data_dir, subprocess_env, wait_until, write_config,
+    sample_feeds, secure, seeded_data_dir, subprocess_env, wait_until, write_config,
 )
 from tests.fixtures.broker import free_port
 
 REQUESTS = 25
 
 
-def test_deploy_installs_serves_and_reports_over_mqtt(mosquitto, packages: PackageSet, refs: ReferenceModels,
+def test_deploy_installs_serves_and_reports_over_mqtt(secure_mosquitto, packages: PackageSet, refs: ReferenceModels,
                                                       tmp_path: Path) -> None:
+    mosquitto = secure(secure_mosquitto)  # the generated policy: TLS, logins, ACL
     device = new_device_id("e2e")
-    env = subprocess_env(tmp_path / "home")
+    env = subprocess_env(tmp_path / "home", mosquitto.url)
     api_port = free_port()
     config = write_config(tmp_path / "agent.yaml", agent_settings(
         packages, mosquitto.url, tmp_path / "data", device, api=f"127.0.0.1:{api_port}"))
@@ -95,8 +95,9 @@ def test_deploy_installs_serves_and_reports_over_mqtt(mosquitto, packages: Packa
     assert offline.online is False
 
 
-def test_second_version_hot_swaps_under_load_and_keeps_previous(mosquitto, packages: PackageSet,
+def test_second_version_hot_swaps_under_load_and_keeps_previous(secure_mosquitto, packages: PackageSet,
                                                                 refs: ReferenceModels, tmp_path: Path) -> None:
+    mosquitto = secure(secure_mosquitto)
     device = new_device_id("swap")
     data_dir = seeded_data_dir(packages, tmp_path / "data")
     config = build_config(agent_settings(packages, mosquitto.url, data_dir, device), tmp_path)

@@ -16,72 +16,14 @@ import pytest
 
 from agent.client import EdgeClient
 from agent.store import VersionStore
-from edgesdk.broker import parse_broker_url
+from agent.daemon import broker_config_of
 from edgesdk.protocol import InstallEvent, InstallEventKind as K
 from edgesdk.runtime import open_session
 from tests.agent.agent_harness import (
-    AgentProcess, Collector, PackageSet, ReferenceModels, agent_settings, build_config, deploy,
-    new_device_id, publish_desired, repository, running_agent,
-    sample_feeds, seeded_data_dir, subprocess_env, wait_until, write_config,
+    AgentProcess, Rig, deploy, publish_desired, repository, running_agent, sample_feeds, subprocess_env, wait_until,
+    write_config,
 )
-from tests.fixtures.broker import MosquittoBroker, free_port
-
-
-@dataclass
-class Rig:
-    """One device: a data_dir where v1 is installed and active, its settings, a collector, the repository."""
-
-    broker: MosquittoBroker
-    packages: PackageSet
-    refs: ReferenceModels
-    tmp: Path
-    device: str
-    data_dir: Path
-    col: Collector
-
-    def settings(self, **overrides: Any) -> dict[str, Any]:
-        return agent_settings(self.packages, self.broker.url, self.data_dir, self.device, **overrides)
-
-    def config(self, **overrides: Any):  # noqa: ANN201
-        return build_config(self.settings(**overrides), self.tmp)
-
-    def served(self, url: str, seed: int = 3) -> str | None:
-        feeds = sample_feeds(seed)
-        return self.refs.which(EdgeClient(url, timeout_s=10).infer(feeds)["logits"], feeds)
-
-    def wait_v1_online(self) -> None:
-        self.col.wait_state(lambda s: s.online and s.active_package == self.packages.v1.pid, what="v1 online")
-
-    def only_failure(self, package_id: str) -> InstallEvent:
-        """The one `failed` event of this install: wait for it, let later messages arrive, count."""
-        failed = self.col.wait_event(K.FAILED, package_id)
-        self.col.settle()
-        failures = self.col.of_kind(K.FAILED)
-        assert failures == [failed], f"expected one failed event, got {self.col.describe_events()}"
-        assert failed.reason and "\n" not in failed.reason and "Traceback" not in failed.reason
-        return failed
-
-    def persist_broker_state(self) -> None:
-        """From here on a broker restart, even after a kill, comes back with what the broker held at
-        the last clean stop, including this collector's subscription: messages for it published
-        before it has reconnected are queued for it, not lost."""
-        for _ in range(2):  # the second clean stop saves the collector's re-made subscription
-            acks = self.col.subacks
-            self.broker.restart()
-            self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
-
-    def assert_v1_still_serving(self, agent: Any) -> None:
-        assert self.served(agent.api.url) == "v1"
-        assert agent.store.active()["package_id"] == self.packages.v1.pid
-        assert agent.status()["active"]["package_id"] == self.packages.v1.pid
-        assert self.col.of_kind(K.ACTIVATED) == []
-
-
-@pytest.fixture
-def rig(mosquitto: MosquittoBroker, packages: PackageSet, refs: ReferenceModels, tmp_path: Path) -> Iterator[Rig]:
-    device = new_device_id("fault")
-    with Collector(mosquitto.url, device) as col:
-        yield Rig(mosquitto, packages, refs, tmp_path, device, seeded_data_dir(packages, tmp_path / "data"), col)
+from tests.fixtures.broker import free_port
 
 
 # -- a bad deployment ------------------------------------------------------------------------------
@@ -102,18 +44,18 @@ def test_ignores_desired_message_that_is_not_json(rig: Rig) -> None:
     with running_agent(rig.config()) as agent:
         rig.wait_v1_online()
         publish_desired(rig.broker.url, rig.device, b"{this is not json")
-        failed = rig.only_failure("")
-        assert "not valid JSON" in failed.reason and "desired" in failed.reason
+        refused = rig.col.wait_event(K.REFUSED, "")
+        assert "not valid JSON" in refused.reason and "desired" in refused.reason
         rig.assert_v1_still_serving(agent)
         assert agent.installer.last_error is None  # nothing was attempted
 
 
 def test_reports_package_missing_from_repository(rig: Rig) -> None:
     missing_id = hashlib.sha256(b"never published").hexdigest()
-    desired = dataclasses.replace(rig.packages.v2.desired(), package_id=missing_id, sha256=missing_id)
+    statement = dataclasses.replace(rig.packages.v2.statement(rig.device), package_id=missing_id)
     with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config(stall_timeout_s=2)) as agent:
         rig.wait_v1_online()
-        publish_desired(rig.broker.url, rig.device, desired.to_json())
+        publish_desired(rig.broker.url, rig.device, rig.packages.sign(statement).to_json())
         failed = rig.only_failure(missing_id)
         # The repository answers NOT_FOUND; the fetcher gives up on that or on the stall timeout.
         assert "no such package" in failed.reason or "stalled" in failed.reason, failed.reason
@@ -184,8 +126,8 @@ def test_serves_while_broker_down_at_start_then_installs_desired(rig: Rig) -> No
     # stall_timeout_s above the fetcher's 5 s request timeout: a block request sent before the
     # repository has re-subscribed is re-issued, not counted as a stall.
     config = rig.config(stall_timeout_s=8)
-    with running_agent(config, broker=parse_broker_url(rig.broker.url, reconnect_min_s=0.2,
-                                                       reconnect_max_s=0.5)) as agent:
+    with running_agent(config, broker=broker_config_of(config).with_timeouts(reconnect_min_s=0.2,
+                                                                           reconnect_max_s=0.5)) as agent:
         assert rig.served(agent.api.url) == "v1"  # the API is up and serving with no broker at all
         assert not agent.connected.is_set()
         rig.broker.start()
@@ -238,7 +180,7 @@ def test_agent_killed_during_install_restarts_serving_and_completes(rig: Rig, ki
     v1, v2 = rig.packages.v1, rig.packages.v2
     api_port = free_port()
     config = write_config(rig.tmp / "agent.yaml", rig.settings(api=f"127.0.0.1:{api_port}"))
-    env = subprocess_env(rig.tmp / "home")
+    env = subprocess_env(rig.tmp / "home", rig.broker.url)
     url = f"http://127.0.0.1:{api_port}"
     with repository(rig.broker.url, rig.packages.repo):
         with AgentProcess(config, rig.tmp / "agent-1.log", env) as first:

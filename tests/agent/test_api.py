@@ -270,7 +270,7 @@ def test_missing_length_and_unsupported_method_get_json_errors_too(server) -> No
 
 def test_client_stalling_mid_body_gets_408_and_the_server_keeps_serving(host, double_plus_one) -> None:
     host.swap(double_plus_one)
-    with ApiServer("127.0.0.1", 0, host, limits=ApiLimits(socket_timeout_s=0.3)) as api:
+    with ApiServer("127.0.0.1", 0, host, limits=ApiLimits(body_timeout_s=0.3)) as api:
         conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=5)
         conn.putrequest("POST", "/v1/infer")
         conn.putheader("Content-Type", "application/x-npz")

@@ -20,6 +20,7 @@ def config_dir(tmp_path: Path) -> Path:
     """A config folder with the files a full config refers to: keys, TLS files, a password file."""
     generate_keys(tmp_path / "keys")
     (tmp_path / "keys" / "signing.pub").rename(tmp_path / "keys" / "release.pub")
+    shutil.copy(tmp_path / "keys" / "release.pub", tmp_path / "keys" / "fleet.pub")
     (tmp_path / "certs").mkdir()
     for name in ("ca.pem", "device.pem", "device.key"):
         (tmp_path / "certs" / name).write_text("-----BEGIN CERTIFICATE-----\n")
@@ -30,7 +31,8 @@ def config_dir(tmp_path: Path) -> Path:
 
 
 def write(config_dir: Path, **overrides: object) -> Path:
-    data: dict[str, object] = {"device_id": "pi5-01", "trusted_keys": ["keys/release.pub"]}
+    data: dict[str, object] = {"device_id": "pi5-01", "trusted_keys": ["keys/release.pub"],
+                               "fleet_keys": ["keys/fleet.pub"]}
     data.update(overrides)
     for key in [k for k, v in data.items() if v is DROP]:
         del data[key]
@@ -100,7 +102,7 @@ def test_target_may_be_a_profile_file_beside_the_config(config_dir: Path) -> Non
     ({"brokr": "mqtt://x"}, "brokr", "unknown key"),
     ({"device_id": DROP}, "device_id", "missing required key"),
     ({"device_id": "pi/5"}, "device_id", "MQTT client id"),
-    ({"device_id": "x" * 65}, "device_id", "1-64 characters"),
+    ({"device_id": "x" * 65}, "device_id", "1-64 letters, digits"),
     ({"device_id": 42}, "device_id", "got 42"),
     ({"fleet": "a b"}, "fleet", "got 'a b'"),
     ({"broker": "tcp://host:1883"}, "broker", "must start with mqtt:// or mqtts://"),
@@ -111,6 +113,11 @@ def test_target_may_be_a_profile_file_beside_the_config(config_dir: Path) -> Non
     ({"broker": "mqtts://h", "tls": {"cert": "certs/device.pem"}}, "tls.key", "needs both"),
     ({"password": "a", "password_file": "secrets/broker-password"}, "password_file", "not both"),
     ({"password_file": "secrets/nope"}, "password_file", "file not found"),
+    ({"device_id": "-cam"}, "device_id", "starting with a letter or digit"),
+    ({"device_id": "cam:01"}, "device_id", "1-64 letters, digits"),
+    ({"fleet_keys": DROP}, "fleet_keys", "missing required key"),
+    ({"labels": {"site": ["a"]}}, "labels.site", "short text value"),
+    ({"trust_root": "keys/release.pub"}, "trust_root", "not a TUF root document"),
     ({"trusted_keys": DROP}, "trusted_keys", "missing required key"),
     ({"trusted_keys": []}, "trusted_keys", "non-empty list"),
     ({"trusted_keys": "keys/release.pub"}, "trusted_keys", "non-empty list"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent.selection import cache_key, load_reference, select
-from edgesdk.errors import HealthCheckError, RuntimeUnavailableError
+from edgesdk.errors import HealthCheckError, PackageError, RuntimeUnavailableError
 from edgesdk.manifest import Manifest, TensorSpec, Variant
 from edgesdk.package import extract_package
 from edgesdk.signing import load_public_key
@@ -298,3 +298,63 @@ def test_selects_working_session_on_real_ort_and_openvino_cpu(packages: PackageS
     finally:
         selection.session.close()
     shutil.rmtree(installed)
+
+
+# -- paths out of the version folder (defence in depth behind the manifest parser) ----------------
+ALL_GOOD = {("fp16", CUDA): Behaviour(), ("fp16", CPU): Behaviour(), ("fp32", CPU): Behaviour()}
+
+
+@pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "variants/../../outside.onnx"])
+def test_variant_path_outside_the_version_folder_is_refused_before_any_session_opens(
+        install_dir: Path, path: str) -> None:
+    manifest = make_manifest()  # built in memory: the parser's path check never saw it
+    manifest.variants[1].file = path
+    clock = FakeClock()
+    factory = FakeFactory(clock, ALL_GOOD)
+
+    with pytest.raises(PackageError, match="points outside the version folder"):
+        select(manifest, install_dir, AVAILABLE, KEY, budget_s=1.0, session_factory=factory, clock=clock)
+
+    assert factory.opened == []
+
+
+def test_symbolic_link_planted_in_the_version_folder_is_refused(install_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.onnx").write_bytes(b"not from the package")
+    (install_dir / "variants").mkdir()
+    (install_dir / "variants" / "fp32.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+
+    with pytest.raises(PackageError, match="variant onnx-fp32 file 'variants/fp32.onnx' points outside"):
+        run_select(install_dir, ALL_GOOD)
+
+
+def test_reference_path_outside_the_version_folder_is_refused(install_dir: Path) -> None:
+    manifest = make_manifest()
+    manifest.reference = {"inputs": "../../inputs.npz", "outputs": "reference/outputs.npz"}
+
+    with pytest.raises(PackageError, match="reference.inputs '../../inputs.npz' points outside"):
+        load_reference(install_dir, manifest)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not a zip", b"\x93NUMPY garbage", "empty-npz"])
+def test_damaged_reference_data_is_a_package_error(install_dir: Path, content) -> None:
+    target = install_dir / "reference" / "inputs.npz"
+    if content == "empty-npz":
+        np.savez(target, x=np.zeros((0, 3), np.float32))
+    else:
+        target.write_bytes(content)
+
+    with pytest.raises(PackageError, match="reference/inputs.npz"):
+        load_reference(install_dir, make_manifest())
+
+
+def test_cached_winner_whose_runtime_raises_its_own_error_is_reselected(install_dir: Path) -> None:
+    def crash(feeds):  # noqa: ANN001, ANN202 - what onnxruntime raises is not an EdgeError
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    cached = {"cache_key": KEY, "variant": "onnx-fp16", "runtime": ORT, "provider": CUDA}
+    behaviours = {**ALL_GOOD, ("fp16", CUDA): Behaviour(latency=FAST, outputs=crash)}
+
+    selection, _ = run_select(install_dir, behaviours, cached=cached)
+
+    assert not selection.from_cache
+    assert (selection.chosen.variant, selection.chosen.provider) != ("onnx-fp16", CUDA)

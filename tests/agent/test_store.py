@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import VersionStore
+from agent.store import RecoveryNote, VersionStore
 from edgesdk.errors import InstallError, SignatureError
 from edgesdk.manifest import MANIFEST_NAME, Manifest, TensorSpec, Variant
 from edgesdk.package import extract_package, write_package
@@ -27,7 +27,7 @@ SELECTION = {"variant": "onnx-fp32", "runtime": "onnxruntime", "provider": "CPUE
 
 CHILD = r"""
 import os, sys, tarfile
-from agent.store import VersionStore
+from agent.store import RecoveryNote, VersionStore
 from edgesdk.package import extract_package
 from edgesdk.signing import load_public_key
 
@@ -155,7 +155,9 @@ def test_killed_during_install_restarts_into_old_or_new_version(
     if store.install_dir("detector-2").exists():  # never a half version under its final name
         assert_complete(store.install_dir("detector-2"))
     assert_no_leftovers(data_dir)
-    assert all(isinstance(line, str) for line in report)
+    assert all(isinstance(note, RecoveryNote) for note in report)
+    if kill_at in ("mid-extract", "after-extract"):  # the crash cut an install of detector-2 short
+        assert [(n.kind, n.package_id) for n in report] == [("abandoned_install", "detector-2")]
 
     install(store, "detector-2", package, keys)  # the agent retries the install, and it works
     assert store.active()["package_id"] == "detector-2"
@@ -189,7 +191,7 @@ def test_killed_during_gc_leaves_each_version_complete_or_gone(installed_old, ke
     report = store.recover()
 
     assert store.installed() == ["detector-2", "detector-3"]
-    assert any(".trash-detector-1" in line for line in report)
+    assert any(".trash-detector-1" in note.reason and note.kind == "cleaned" for note in report)
     assert store.active()["package_id"] == "detector-3"
     assert_no_leftovers(data_dir)
 
@@ -245,7 +247,9 @@ def test_recover_falls_back_to_previous_when_active_folder_is_broken(installed_o
     report = VersionStore(data_dir).recover()
 
     assert store.active()["package_id"] == "detector-1" and store.previous() is None
-    assert len(report) == 1 and why in report[0] and "fell back to previous version detector-1" in report[0]
+    assert len(report) == 1 and why in report[0].reason
+    assert report[0].kind == "rolled_back" and report[0].package_id == "detector-2"  # the broken one
+    assert "fell back to previous version detector-1" in report[0].reason
 
 
 def test_recover_with_broken_active_and_no_previous_leaves_nothing_active(installed_old) -> None:
@@ -256,7 +260,8 @@ def test_recover_with_broken_active_and_no_previous_leaves_nothing_active(instal
     report = store.recover()
 
     assert store.active() is None
-    assert "no previous version" in report[0]
+    assert report == [RecoveryNote("deactivated", "detector-1", report[0].reason)]
+    assert "no previous version" in report[0].reason
 
 
 def test_recover_moves_a_corrupt_state_file_aside(installed_old) -> None:
@@ -265,7 +270,7 @@ def test_recover_moves_a_corrupt_state_file_aside(installed_old) -> None:
 
     report = VersionStore(data_dir).recover()
 
-    assert "corrupt state file" in report[0]
+    assert report[0].kind == "state_reset" and "corrupt state file" in report[0].reason
     assert VersionStore(data_dir).active() is None
     assert list(data_dir.glob("active.json.corrupt-*"))
 

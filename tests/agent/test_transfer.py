@@ -15,10 +15,11 @@ import pytest
 
 from agent.transfer import PackageFetcher, Progress
 from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client, parse_broker_url
-from edgesdk.errors import TransferError
+from edgesdk.errors import TransferError, TransferStalledError
 from edgesdk.fleet.repository import PublishedPackage, RepositoryServer, publish_package
 from edgesdk.manifest import Manifest, TensorSpec, Variant
 from edgesdk.package import write_package
+from edgesdk.protocol import DeploymentStatement
 from edgesdk.signing import generate_keys, load_private_key
 
 FLEET = "lab"
@@ -29,6 +30,12 @@ SIZE = 2 * 1024 * 1024
 
 def fast(url: str) -> BrokerConfig:
     return parse_broker_url(url, reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=5)
+
+
+def spec(published: PublishedPackage) -> DeploymentStatement:
+    """What the agent fetches from: the deployment statement for this device (signing is not the
+    fetcher's business; it only reads the transfer fields)."""
+    return published.statement(FLEET, DEVICE, serial=1)
 
 
 @pytest.fixture
@@ -87,7 +94,7 @@ def sha256(path: Path) -> str:
 
 def test_fetch_over_loopback_matches_sha256(repository, device: Device, published: PublishedPackage) -> None:  # noqa: ANN001
     seen: list[Progress] = []
-    path = device.new_fetcher().fetch(published.desired(), seen.append)
+    path = device.new_fetcher().fetch(spec(published), seen.append)
 
     assert path == device.data_dir / "downloads" / f"{published.package_id}.edgepkg"
     assert sha256(path) == published.sha256
@@ -111,7 +118,7 @@ def test_resumes_transfer_after_broker_restart(mosquitto, repository, device: De
             mosquitto.restart()
             restarted.set()
 
-    path = fetcher.fetch(published.desired(), kill_broker_once)
+    path = fetcher.fetch(spec(published), kill_broker_once)
 
     assert restarted.is_set() and device.connects == 2  # the fault really hit mid-transfer
     assert sha256(path) == published.sha256
@@ -133,10 +140,10 @@ def test_resumes_after_agent_restart_fetching_only_missing_blocks(repository, de
 
     first = device.new_fetcher(checkpoint_every=4)
     with pytest.raises(AgentDied):
-        first.fetch(published.desired(), die_at_block_10)
+        first.fetch(spec(published), die_at_block_10)
 
     second = device.new_fetcher(checkpoint_every=4)  # a new process: same data_dir, fresh object
-    path = second.fetch(published.desired())
+    path = second.fetch(spec(published))
 
     assert sha256(path) == published.sha256
     assert second.stats.resumed_from == 8  # the last checkpoint; blocks 9-10 were written, not claimed
@@ -147,11 +154,11 @@ def test_superseded_partial_download_is_discarded(repository, device: Device,  #
                                                   published: PublishedPackage) -> None:
     fetcher = device.new_fetcher(checkpoint_every=2)
     with pytest.raises(TransferError, match=r"cancelled \(\d+/\d+ blocks kept\)"):
-        fetcher.fetch(published.desired(), lambda p: p.blocks_done == 4 and fetcher.cancel())
+        fetcher.fetch(spec(published), lambda p: p.blocks_done == 4 and fetcher.cancel())
     downloads = device.data_dir / "downloads"
     assert (downloads / f"{published.package_id}.blocks").exists()
 
-    assert fetcher.discard_partials(keep={"0" * 64}) == 1
+    assert fetcher.prune(keep={"0" * 64}) == 1
     assert list(downloads.iterdir()) == []
 
 
@@ -164,13 +171,13 @@ def test_corrupt_repository_block_is_refused_after_bounded_retries_then_repaired
 
     fetcher = device.new_fetcher(max_retries=2)
     with pytest.raises(TransferError, match=r"block 5 came 3 times and it failed verification"):
-        fetcher.fetch(published.desired())
+        fetcher.fetch(spec(published))
     assert fetcher.stats.corrupt_blocks == 3
     assert not (device.data_dir / "downloads" / f"{published.package_id}.edgepkg").exists()
 
     published.path.write_bytes(original)  # the operator restores the repository copy
     repaired = device.new_fetcher()
-    path = repaired.fetch(published.desired())
+    path = repaired.fetch(spec(published))
     assert sha256(path) == published.sha256
     assert repaired.stats.resumed_from > 0  # the good blocks were kept
 
@@ -179,9 +186,9 @@ def test_stalled_transfer_fails_within_the_stall_timeout(mosquitto, device: Devi
                                                          published: PublishedPackage) -> None:
     fetcher = device.new_fetcher(stall_timeout_s=0.6, request_timeout_s=0.2)  # no repository is running
     started = time.monotonic()
-    total = published.desired().block_count
-    with pytest.raises(TransferError, match=rf"stalled: no block for 0\.6 s \(0/{total} blocks, index not received\)"):
-        fetcher.fetch(published.desired())
+    total = spec(published).block_count
+    with pytest.raises(TransferStalledError, match=rf"stalled: no block for 0\.6 s \(0/{total} blocks, index not received\)"):
+        fetcher.fetch(spec(published))
     assert time.monotonic() - started < 3.0  # 0.6 s plus generous slack for a loaded CI machine
     assert fetcher.stats.requests_reissued >= 1
 
@@ -192,7 +199,7 @@ def test_two_repository_servers_share_the_requests(mosquitto, device: Device,  #
     for server in servers:
         server.start()
     try:
-        path = device.new_fetcher(window=2).fetch(published.desired())
+        path = device.new_fetcher(window=2).fetch(spec(published))
     finally:
         for server in servers:
             server.stop()
@@ -207,16 +214,16 @@ def test_disk_full_keeps_partial_data_for_resume(repository, device: Device,  # 
     part = downloads / f"{published.package_id}.part"
     part.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full SD card
     fetcher = device.new_fetcher()
-    total = published.desired().block_count
+    total = spec(published).block_count
     with pytest.raises(TransferError, match=rf"disk full writing .*\.part \(0/{total} blocks kept for resume\)"):
-        fetcher.fetch(published.desired())
+        fetcher.fetch(spec(published))
 
     part.unlink()  # space freed
-    path = device.new_fetcher().fetch(published.desired())
+    path = device.new_fetcher().fetch(spec(published))
     assert sha256(path) == published.sha256
 
 
 def test_never_accepts_a_deployment_larger_than_the_limit(device: Device, published: PublishedPackage) -> None:
     fetcher = device.new_fetcher(max_package_bytes=1024 * 1024)
     with pytest.raises(TransferError, match="exceeds the limit"):
-        fetcher.fetch(published.desired())
+        fetcher.fetch(spec(published))

@@ -35,3 +35,25 @@ def test_backoff_sets_pahos_next_delay_and_resets_after_connect():
     backoff.connected()
     assert backoff.attempts == 0
     assert backoff.failed() <= 1.0
+
+
+def test_clients_announce_a_packet_cap_near_the_block_size():
+    from edgesdk.broker import DEFAULT_MAX_PACKET_SIZE, make_client
+    from edgesdk.protocol import BLOCK_SIZE
+
+    config = parse_broker_url("mqtt://127.0.0.1:1883")
+    client = make_client("cap", config)
+
+    assert BLOCK_SIZE < config.max_packet_size == DEFAULT_MAX_PACKET_SIZE <= BLOCK_SIZE + 64 * 1024
+    assert client._connect_properties.MaximumPacketSize == DEFAULT_MAX_PACKET_SIZE  # sent in CONNECT
+
+
+def test_packet_cap_is_validated_when_the_config_is_built():
+    import pytest
+
+    from edgesdk.errors import ConfigError
+
+    assert parse_broker_url("mqtt://h", max_packet_size=1 << 20).max_packet_size == 1 << 20
+    for bad in (0, 100, 1 << 29):
+        with pytest.raises(ConfigError, match="max packet size"):
+            parse_broker_url("mqtt://h", max_packet_size=bad)

@@ -408,3 +408,28 @@ def test_cli_loads_without_the_host_extra(tmp_path: Path):
 
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)) == len(builtin_profile_names())
+
+
+def test_keys_generate_fleet_role_writes_fleet_key_files(tmp_path: Path):
+    result = runner.invoke(app, ["keys", "generate", "--out", str(tmp_path), "--role", "fleet"])
+
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((tmp_path / "fleet.key").stat().st_mode) == 0o600
+    assert key_id(load_public_key(tmp_path / "fleet.pub")) in "".join(result.output.split())
+    assert not (tmp_path / "signing.key").exists()
+
+
+def test_keys_generate_defaults_to_the_default_key_folder(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("EDGESDK_HOME", str(tmp_path / "home"))
+
+    result = runner.invoke(app, ["keys", "generate", "--role", "root"])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "keys" / "root.key").is_file()
+
+
+def test_keys_generate_unknown_role_fails_cleanly(tmp_path: Path):
+    result = runner.invoke(app, ["keys", "generate", "--out", str(tmp_path), "--role", "admin"])
+
+    assert_clean_failure(result, ConfigError.exit_code)
+    assert list(tmp_path.iterdir()) == []

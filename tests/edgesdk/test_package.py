@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import edgesdk.package as package_module
-from edgesdk.errors import IntegrityError, PackageError, PackagingError, SignatureError
+from edgesdk.errors import IntegrityError, PackageError, PackagingError, SignatureError, StorageError
 from edgesdk.manifest import FileEntry, Manifest, TensorSpec, Variant
 from edgesdk.package import (
     MAX_MANIFEST_BYTES,
@@ -247,9 +247,11 @@ def test_disk_full_mid_write_keeps_the_old_package_and_leaves_no_temp_file(tmp_p
         return real_addfile(self, tarinfo, fileobj)
 
     monkeypatch.setattr(tarfile.TarFile, "addfile", addfile_until_disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="disk full") as err:
         write_package(out / "p.edgepkg", tiny_manifest("2.0.0"), files, private)
     monkeypatch.undo()
+
+    assert err.value.disk_full
 
     assert len(calls) == 4, "the fault was not injected mid-write"
     assert sorted(out.iterdir()) == [old]
@@ -646,3 +648,169 @@ def test_signed_package_with_malformed_manifest_is_refused_naming_file_and_field
 
     assert str(pkg) in str(err.value)
     assert field in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed manifests: whatever the bytes, one PackageError naming what and where
+
+
+def _signed_package(tmp_path: Path, private, raw: bytes, members: dict[str, bytes] | None = None) -> Path:
+    """A tar whose manifest.json is exactly ``raw``, signed with the trusted key."""
+    entries = [regular("manifest.json", raw), regular("manifest.sig", sign(private, raw))]
+    entries += [regular(name, data) for name, data in (members or {}).items()]
+    return write_tar(tmp_path / "crafted.edgepkg", entries)
+
+
+def test_deeply_nested_manifest_is_a_package_error(tmp_path: Path, keys):
+    private, public = keys
+    data = _manifest_dict()
+    raw = json.dumps(data).encode()
+    nested = raw[:-1] + b', "host": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    pkg = _signed_package(tmp_path, private, nested)
+
+    with pytest.raises(PackageError, match="nested too deeply") as err:
+        open_package(pkg, [public])  # json.loads alone raises RecursionError here
+
+    assert str(err.value).startswith(f"{pkg}: manifest.json: ")
+    data["host"] = {"a": json.loads("[" * 40 + "]" * 40)}  # parses, but deeper than any real manifest
+    with pytest.raises(PackageError, match=r"host\.a.*nested deeper than 32 levels"):
+        Manifest.from_bytes(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("where", ["size", "schema_version", "host"])
+def test_huge_integer_in_signed_manifest_is_a_package_error(tmp_path: Path, keys, where: str):
+    private, public = keys
+    data = _manifest_dict()
+    if where == "size":
+        data["files"][MODEL]["size"] = 12345
+    elif where == "schema_version":
+        data["schema_version"] = 12345
+    else:
+        data["host"] = {"cpus": 12345}
+    raw = json.dumps(data).encode().replace(b"12345", b"9" * 5000)  # int() refuses past 4300 digits
+    pkg = _signed_package(tmp_path, private, raw, {MODEL: GOOD})
+
+    with pytest.raises(PackageError, match="not valid JSON") as err:
+        open_package(pkg, [public])
+
+    assert str(pkg) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "out of range"), (2 ** 41, "out of range"), (10 ** 300, "out of range"), (1.5, "expected integer"),
+])
+def test_out_of_range_file_size_is_a_package_error(value, message: str):
+    data = _manifest_dict()
+    data["files"][MODEL]["size"] = value
+
+    with pytest.raises(PackageError, match=rf"files\['{MODEL}'\]\.size: .*{message}"):
+        Manifest.from_bytes(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_number_in_manifest_is_a_package_error(token: str):
+    raw = json.dumps(_manifest_dict()).encode()
+    raw = raw[:-1] + b', "host": {"speed": ' + token.encode() + b"}}"
+
+    with pytest.raises(PackageError, match="not a JSON number|not valid JSON"):
+        Manifest.from_bytes(raw)
+
+
+def test_non_finite_measurement_is_written_as_null_so_the_package_still_reads():
+    manifest = tiny_manifest()
+    manifest.variants[0].host_latency_ms = {"p50_ms": 1.0, "speedup_vs_fp32": float("nan")}
+
+    again = Manifest.from_bytes(manifest.to_bytes())
+
+    assert again.variants[0].host_latency_ms == {"p50_ms": 1.0, "speedup_vs_fp32": None}
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": 1, "a": 2}',
+    b'{"name": "\\ud800"}',
+    b"\xef\xbb\xbf{}",  # a byte-order mark: not JSON
+])
+def test_ambiguous_or_invalid_text_in_manifest_is_a_package_error(raw: bytes):
+    data = _manifest_dict()
+    body = json.dumps(data).encode()
+    if raw.startswith(b"{"):
+        raw = body[:-1] + b", " + raw[1:]
+    with pytest.raises(PackageError):
+        Manifest.from_bytes(raw)
+
+
+def _set_variant_file(path: str):
+    return _set("variants", 0, "file", value=path)
+
+
+HOSTILE_PATHS = {
+    "absolute": "/etc/passwd",
+    "dotdot": "../../other-version/model.onnx",
+    "inner-dotdot": "variants/../../escape.onnx",
+    "backslash": "..\\..\\escape.onnx",
+    "nul": "variants/model.onnx\x00.txt",
+    "empty-part": "variants//model.onnx",
+    "dot": "./model.onnx",
+    "empty": "",
+    "too-long": "a" * 256,
+}
+
+
+@pytest.mark.parametrize("field", ["variants[0].file", "variants[0].files[0]", "reference.inputs", "files"])
+@pytest.mark.parametrize("case", HOSTILE_PATHS)
+def test_variant_path_outside_package_is_refused(tmp_path: Path, keys, case: str, field: str):
+    """Signed with the trusted key, so the signature passes: the refusal comes from the path check."""
+    private, public = keys
+    path = HOSTILE_PATHS[case]
+    data = _manifest_dict()
+    if field == "variants[0].file":
+        data["variants"][0]["file"] = path
+    elif field == "variants[0].files[0]":
+        data["variants"][0]["files"] = [path]
+    elif field == "reference.inputs":
+        data["reference"]["inputs"] = path
+    else:
+        data["files"][path] = {"sha256": sha256(GOOD), "size": len(GOOD)}
+    raw = json.dumps(data).encode()
+    pkg = _signed_package(tmp_path, private, raw, {MODEL: GOOD})
+    dest = tmp_path / "dest"
+
+    with pytest.raises(PackageError) as err:
+        extract_package(pkg, dest, [public])
+
+    message = str(err.value)
+    assert not isinstance(err.value, SignatureError)
+    assert (field if field != "files" else "files[") in message
+    assert "plain relative path inside the package" in message and "\n" not in message
+    assert not dest.exists()
+
+
+def test_manifest_declaring_a_file_inside_another_file_is_refused():
+    data = _manifest_dict()
+    data["files"][MODEL + "/inner"] = {"sha256": sha256(GOOD), "size": len(GOOD)}
+
+    with pytest.raises(PackageError, match="is both a file and a folder"):
+        Manifest.from_bytes(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("change, field", [
+    (_set("variants", 0, "providers", value=[1]), "variants[0].providers[0]"),
+    (_set("variants", 0, "health_tolerance", value={"cosine_min": "high"}), "variants[0].health_tolerance.cosine_min"),
+    (_set("variants", 0, "health_tolerance", value={"cosine_min": True}), "variants[0].health_tolerance.cosine_min"),
+    (_set("variants", 0, "metrics", value=[]), "variants[0].metrics"),
+    (_set("variants", 0, "size", value=-5), "variants[0].size"),
+    (_set("inputs", 0, "shape", value=[1, None]), "inputs[0].shape[1]"),
+    (_set("files", MODEL, "sha256", value="XYZ"), "sha256"),
+    (_set("dropped", value=["x"]), "dropped[0]"),
+    (_set("architecture", value=7), "architecture"),
+    (_set("reference", value={"inputs": 1, "outputs": "o.npz"}), "reference.inputs"),
+    (_set("name", value=""), "name"),
+])
+def test_wrongly_typed_field_fails_naming_the_field(change, field: str):
+    data = _manifest_dict()
+    change(data)
+
+    with pytest.raises(PackageError) as err:
+        Manifest.from_bytes(json.dumps(data).encode())
+
+    assert field in str(err.value) and "\n" not in str(err.value)

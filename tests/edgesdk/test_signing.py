@@ -185,3 +185,28 @@ def test_key_id_is_stable_and_short(keys):
     assert key_id(public) == key_id(public)
     assert len(key_id(public)) == 16
     int(key_id(public), 16)
+
+
+@pytest.mark.parametrize("role, names", [("release", ("signing.key", "signing.pub")),
+                                         ("fleet", ("fleet.key", "fleet.pub")),
+                                         ("root", ("root.key", "root.pub"))])
+def test_each_role_has_its_own_key_files(tmp_path: Path, role: str, names: tuple[str, str]):
+    from edgesdk.signing import key_file_names
+
+    pair = generate_keys(tmp_path, role=role)
+
+    assert key_file_names(role) == names
+    assert (pair.private_path.name, pair.public_path.name) == names
+    assert mode_of(pair.private_path) == 0o600
+
+
+def test_roles_share_a_folder_without_overwriting_each_other(tmp_path: Path):
+    ids = {role: generate_keys(tmp_path, role=role).key_id for role in ("release", "fleet", "root")}
+    assert len(set(ids.values())) == 3
+    assert key_id(load_public_key(tmp_path / "signing.pub")) == ids["release"]
+
+
+def test_unknown_key_role_is_refused_in_one_line(tmp_path: Path):
+    with pytest.raises(KeyFileError, match="unknown key role 'admin'"):
+        generate_keys(tmp_path, role="admin")
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesdk import runtime
-from edgesdk.errors import PackagingError
+from edgesdk.errors import HealthCheckError, PackagingError
 from edgesdk.profiles import Gate
 from edgesdk.validation import compare_outputs, evaluate_gate, health_check, health_tolerance
 
@@ -261,3 +261,34 @@ def test_real_variant_with_a_dead_channel_fails_and_openvino_fp32_passes(tmp_pat
     assert metrics["scores"].cosine > 0.9999
     assert not evaluate_gate(metrics, GATE).passed
     assert metrics["scores"].collapsed_channels == 1
+
+
+# -- the health check's own errors ------------------------------------------------------------------
+@pytest.mark.parametrize("reference, tolerance, message", [
+    ([], {}, "no reference outputs"),
+    ([{"logits": np.array(["a", "b"])}], {}, "not a numeric array"),
+    ([{"logits": [[1.0, 2.0]]}], {}, "not a numeric array"),
+    ([1, 2], {}, "not a mapping"),
+    (None, {"cosine_min": "0.9"}, "tolerance cosine_min must be a finite number"),
+    (None, {"max_abs": float("nan")}, "tolerance max_abs must be a finite number"),
+    (None, {"top1_min": True}, "tolerance top1_min must be a finite number"),
+    (None, ["cosine_min"], "tolerance must be a mapping"),
+], ids=["no-reference", "string-reference", "list-reference", "not-mappings", "string-tolerance",
+        "nan-tolerance", "bool-tolerance", "tolerance-not-a-mapping"])
+def test_health_check_failure_is_health_check_error(reference, tolerance, message: str) -> None:
+    reference = _logits(n=2) if reference is None else reference
+    candidate = _copy(_logits(n=2))
+
+    with pytest.raises(HealthCheckError, match=message) as err:
+        health_check(reference, candidate, tolerance)
+
+    assert not isinstance(err.value, PackagingError)  # the packager's error never comes from a device check
+    assert "\n" not in str(err.value)
+
+
+def test_health_check_of_garbage_candidate_outputs_fails_without_raising() -> None:
+    ref = _logits(n=2)
+    for candidate in ([{"logits": np.array([["x"] * 10])}] * 2, [{"logits": object()}] * 2, [None, None],
+                      _copy(ref)[:1]):
+        result = health_check(ref, candidate, {"cosine_min": 0.9})
+        assert not result.passed and result.failures, candidate

@@ -20,7 +20,7 @@ from edgesdk.fleet.deploy import deploy
 from edgesdk.fleet.repository import RepositoryServer, find_package, publish_package
 from edgesdk.manifest import Manifest, TensorSpec, Variant
 from edgesdk.package import write_package
-from edgesdk.protocol import BlockResponse, BlockStatus, DesiredDeployment, InstallEvent, TelemetryWindow
+from edgesdk.protocol import BlockResponse, BlockStatus, DeploymentStatement, InstallEvent, SignedStatement, TelemetryWindow
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
 
 FLEET = "test-fleet"
@@ -199,16 +199,17 @@ def test_deploy_writes_retained_desired_that_a_late_subscriber_receives(tmp_path
     pkg, _ = make_package(tmp_path, size=10_000)
     published = publish_package(pkg, tmp_path / "repo")
     config = parse_broker_url(mosquitto.url)
-    sent = deploy(config, FLEET, ["dev-a", "dev-b"], published, rollout_id="r1", timeout_s=5)
+    fleet_key = load_private_key(generate_keys(tmp_path / "fleet", role="fleet").private_path)
+    sent = deploy(config, FLEET, ["dev-a", "dev-b"], published, fleet_key, rollout_id="r1", timeout_s=5)["dev-b"]
     if broker_restarts:
         mosquitto.restart()  # SIGTERM saves the persistence database; the start loads it
 
-    got: list[DesiredDeployment] = []
+    got: list[SignedStatement] = []
     arrived = threading.Event()
     late = make_client("dev-b", config, clean_start=True)
 
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        got.append(DesiredDeployment.from_json(msg.payload, msg.topic))
+        got.append(SignedStatement.from_json(msg.payload, msg.topic))
         arrived.set()
 
     late.on_message = on_message
@@ -217,7 +218,9 @@ def test_deploy_writes_retained_desired_that_a_late_subscriber_receives(tmp_path
     assert arrived.wait(5)
     disconnect(late)
     assert got == [sent]
-    assert (sent.package_id, sent.rollout_id, sent.block_size) == (published.package_id, "r1", published.block_size)
+    statement = sent.statement
+    assert (statement.device, statement.package_id, statement.rollout_id, statement.block_size) == (
+        "dev-b", published.package_id, "r1", published.block_size)
 
 
 def test_deploy_to_unreachable_broker_fails_with_one_line(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001
@@ -225,7 +228,8 @@ def test_deploy_to_unreachable_broker_fails_with_one_line(tmp_path: Path, mosqui
     published = publish_package(pkg, tmp_path / "repo")
     mosquitto.kill()
     with pytest.raises(BrokerError, match=r"cannot reach broker mqtt://127\.0\.0\.1:\d+: connection refused"):
-        deploy(parse_broker_url(mosquitto.url), FLEET, ["dev-a"], published, timeout_s=2)
+        fleet_key = load_private_key(generate_keys(tmp_path / "fleet", role="fleet").private_path)
+        deploy(parse_broker_url(mosquitto.url), FLEET, ["dev-a"], published, fleet_key, timeout_s=2)
 
 
 # -- broker URLs and protocol messages -------------------------------------------------------------
@@ -241,16 +245,16 @@ def test_parses_broker_url_with_credentials_and_tls_default_port() -> None:
     assert config.url == "mqtts://broker.example:8883"  # never the password
 
 
-DESIRED = DesiredDeployment("a" * 64, "m", "1", "pi", "a" * 64, 1000, 4096, "b" * 64, None, 1.0).to_json()
+STATEMENT = DeploymentStatement("f", "d", "a" * 64, "m", "1", "pi", 1000, 4096, "b" * 64, 1, 1.0, 2.0).to_json()
 
 
 @pytest.mark.parametrize("cls, raw, field", [
-    (DesiredDeployment, b"{oops", "not valid JSON"),
-    (DesiredDeployment, b"[1]", "JSON object"),
-    (DesiredDeployment, DESIRED.replace(b'"sha256"', b'"sha_256"'), "'sha256'"),
-    (DesiredDeployment, DESIRED.replace(b'"size":1000', b'"size":"1000"'), "'size'"),
-    (DesiredDeployment, DESIRED.replace(b'"size":1000', b'"size":-1'), "'size'"),
-    (DesiredDeployment, DESIRED.replace(b'"a' + b"a" * 63, b'"A' + b"a" * 63, 1), "package_id"),
+    (DeploymentStatement, b"{oops", "not valid JSON"),
+    (DeploymentStatement, b"[1]", "JSON object"),
+    (DeploymentStatement, STATEMENT.replace(b'"blocks_digest"', b'"blocks_dgst"'), "'blocks_digest'"),
+    (DeploymentStatement, STATEMENT.replace(b'"size":1000', b'"size":"1000"'), "'size'"),
+    (DeploymentStatement, STATEMENT.replace(b'"size":1000', b'"size":-1'), "'size'"),
+    (DeploymentStatement, STATEMENT.replace(b'"a' + b"a" * 63, b'"A' + b"a" * 63, 1), "package_id"),
     (InstallEvent, b'{"kind":"exploded","package_id":"x","at":1}', "'kind'"),
     (InstallEvent, b'{"kind":"failed","at":1}', "'package_id'"),
     (TelemetryWindow, b'{"seq":1,"window_start":0,"window_end":1,"count":true,"errors":0}', "'count'"),

@@ -1,0 +1,127 @@
+"""`edgesdk deploy` and `edgesdk rollback`: signed deployment statements to devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgesdk.cli.broker_options import B, broker_config
+from edgesdk.cli.common import handle_errors, out
+from edgesdk.errors import ConfigError, PackageError
+
+FLEET_KEY_HELP = ("Fleet key that signs the deployment statements (or $EDGESDK_FLEET_KEY; default: fleet.key "
+                  "in the default key folder). Devices obey only statements signed by their fleet keys.")
+
+
+def fleet_key_option():
+    return typer.Option(None, "--fleet-key", help=FLEET_KEY_HELP, envvar="EDGESDK_FLEET_KEY")
+
+
+def load_fleet_key(path: Path | None):
+    """The fleet signing key from --fleet-key, $EDGESDK_FLEET_KEY or the default key folder."""
+    from edgesdk.signing import default_key_dir, load_private_key
+
+    if path is None:
+        path = default_key_dir() / "fleet.key"
+        if not path.exists():
+            raise ConfigError("no --fleet-key given and no default fleet key: create one with "
+                              "`edgesdk keys generate --role fleet` or set $EDGESDK_FLEET_KEY")
+    return load_private_key(path)
+
+
+def resolve_release(repo: Path, ref: str, target: str | None = None):
+    """A published package from NAME@VERSION, a package id (or unique prefix) or an .edgepkg file."""
+    from edgesdk.fleet.repository import find_package, list_packages
+
+    if not repo.is_dir():
+        raise ConfigError(f"--repo {repo}: no such folder (publish a package into it first)")
+    if "@" not in ref:
+        return find_package(repo, ref)
+    name, _, version = ref.partition("@")
+    return _one_release(list_packages(repo), name, version, target, repo)
+
+
+def _one_release(packages: list, name: str, version: str, target: str | None, repo: Path):
+    matches = [p for p in packages if p.name == name and p.version == version and target in (None, p.target)]
+    if not matches:
+        known = sorted({f"{p.name}@{p.version}" for p in packages if p.name == name})
+        hint = f" (published: {', '.join(known)})" if known else f" (no package named {name!r} in {repo})"
+        raise PackageError(f"{name}@{version}{'' if target is None else f' for {target}'} is not published{hint}")
+    if len(matches) > 1:
+        raise PackageError(f"{name}@{version} is published for several targets "
+                           f"({', '.join(sorted(p.target for p in matches))}): pass --target")
+    return matches[0]
+
+
+@handle_errors
+def deploy(
+    package: str = typer.Argument(..., help="NAME@VERSION, a published package id (or unique prefix), "
+                                  "or its .edgepkg file."),
+    device: list[str] = typer.Option(..., "--device", help="Device id (repeatable)."),
+    fleet: str = typer.Option("default", "--fleet", help="Fleet name."),
+    repo: Path = typer.Option(..., "--repo", help="Package repository folder the package was published to."),
+    target: str = typer.Option(None, "--target", help="With NAME@VERSION: the target, when several are published."),
+    rollout_id: str = typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
+    fleet_key: Path = fleet_key_option(),
+    release_key_as_fleet_key: bool = typer.Option(False, "--release-key-as-fleet-key",
+                                                  help="Allow the key that signed the package to sign the statement."),
+    broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
+    username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
+) -> None:
+    """Tell devices to run a published package: one signed statement per device (retained).
+
+    A device refuses a lower version of a package it runs: use `edgesdk rollback` for that.
+    """
+    _send(package, device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
+          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False)
+
+
+@handle_errors
+def rollback(
+    name: str = typer.Argument(..., help="The package name to roll back."),
+    to: str = typer.Option(..., "--to", help="The version to go back to (must be published in --repo)."),
+    device: list[str] = typer.Option(..., "--device", help="Device id (repeatable)."),
+    fleet: str = typer.Option("default", "--fleet", help="Fleet name."),
+    repo: Path = typer.Option(..., "--repo", help="Package repository folder."),
+    target: str = typer.Option(None, "--target", help="The target, when several are published for that version."),
+    rollout_id: str = typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
+    fleet_key: Path = fleet_key_option(),
+    release_key_as_fleet_key: bool = typer.Option(False, "--release-key-as-fleet-key",
+                                                  help="Allow the key that signed the package to sign the statement."),
+    broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
+    username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
+) -> None:
+    """Put devices back on an earlier version: a signed rollback statement (a lower version is
+    refused by devices unless the statement says it is a rollback)."""
+    _send(f"{name}@{to}", device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
+          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=True)
+
+
+def _send(ref: str, devices: list[str], fleet: str, repo: Path, target: str | None, rollout_id: str | None,
+          fleet_key_path: Path | None, allow_release_key: bool, config, rollback: bool) -> None:
+    from edgesdk import protocol
+    from edgesdk.fleet.deploy import check_fleet_key, deploy as deploy_to
+
+    for d in devices:
+        protocol.check_id(d, "device id")
+    protocol.check_id(fleet, "fleet")
+    published = resolve_release(repo, ref, target)
+    key = load_fleet_key(fleet_key_path)
+    check_fleet_key(key, published, allow_release_key)
+    signed = deploy_to(config, fleet, devices, published, key, rollout_id=rollout_id, rollback=rollback)
+    first = next(iter(signed.values())).statement
+    out.print(f"{'rollback to' if rollback else 'desired'} {published.name} {published.version} "
+              f"({published.package_id[:12]}) for {', '.join(devices)} in fleet {fleet} — signed statements, "
+              f"valid until {_utc(first.expires)}")
+
+
+def _utc(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deploy")(deploy)
+    app.command("rollback")(rollback)

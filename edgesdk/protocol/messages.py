@@ -1,0 +1,264 @@
+"""JSON control messages: every message validates what it reads.
+
+A malformed message fails with one `ProtocolError` line naming the topic and the field, never a
+KeyError deep in a handler, and never anything else: bad UTF-8, deep nesting (RecursionError in
+the json module), 5000-digit integers (ValueError), NaN and infinities all end as ProtocolError.
+Unknown JSON fields are ignored (a newer peer may add fields); missing ones are errors unless the
+field has a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from edgesdk.errors import ProtocolError
+from edgesdk.protocol.blocks import INDEX_BLOCK, MAX_BLOCKS_PER_REQUEST
+
+# Every control message fits well under the broker's packet cap (a block plus headroom).
+MAX_JSON_BYTES = 256 * 1024
+MAX_DEPTH = 32  # nesting deeper than this is refused before any field is read
+
+
+class InstallEventKind(enum.Enum):
+    """Install lifecycle steps an agent reports on `devices/{id}/events` (docs/protocol.md §events)."""
+
+    DOWNLOADING = "downloading"  #: transfer started or progressed (``progress`` 0..1)
+    DOWNLOADED = "downloaded"  #: all blocks verified, whole-file sha256 matches
+    VERIFIED = "verified"  #: package signature checked against the device's trusted keys
+    EXTRACTED = "extracted"  #: safely extracted into versions/{package_id}/
+    SELECTED = "selected"  #: variant x provider chosen; ``table`` holds the benchmark rows
+    HEALTH_CHECKED = "health_checked"  #: the winner passed the health check on reference inputs
+    ACTIVATED = "activated"  #: the new version is the active one and serving
+    FAILED = "failed"  #: install stopped; ``reason`` says why, the previous version stays active
+    ROLLED_BACK = "rolled_back"  #: the device went back to the previous version (``reason``)
+    REFUSED = "refused"  #: a desired statement was not obeyed (``reason``: unsigned, untrusted key,
+    #: replayed, expired, downgrade, mix-and-match, malformed); the active model is unchanged
+
+
+_M = TypeVar("_M", bound="_Message")
+
+
+class _Message:
+    """JSON (de)serialisation driven by the dataclass fields' type hints."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(_plain(dataclasses.asdict(self)), sort_keys=True,  # type: ignore[call-overload]
+                          separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls: type[_M], raw: bytes | str, topic: str = "") -> _M:
+        where = topic or cls.__name__
+        return cls.from_dict(parse_json(raw, where), where)
+
+    @classmethod
+    def from_dict(cls: type[_M], data: Any, where: str = "") -> _M:
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{where}: expected a JSON object")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ProtocolError(f"{where}: missing field '{f.name}'")
+                continue
+            values[f.name] = _coerce(data[f.name], hints[f.name], f"{where}: field '{f.name}'")
+        message = cls(**values)
+        message._check(where)
+        return message
+
+    def _check(self, where: str) -> None:
+        """Cross-field checks beyond types; raise ProtocolError."""
+
+
+def parse_json(raw: bytes | str, where: str, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse untrusted JSON: any malformed input is a ProtocolError naming ``where``, nothing else."""
+    if not isinstance(raw, (bytes, bytearray, str)):
+        raise ProtocolError(f"{where}: expected bytes, got {type(raw).__name__}")
+    if len(raw) > limit:
+        raise ProtocolError(f"{where}: message of {len(raw)} bytes exceeds {limit}")
+    try:
+        # Strict UTF-8 (RFC 8259 §8.1): json.loads would otherwise guess UTF-16/32 from NUL bytes,
+        # so the bytes a statement's signature covers could be read two ways.
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ProtocolError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise ProtocolError(f"{where}: not valid JSON ({_first_line(exc)})") from None
+    _check_depth(data, where)
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # "1e999" parses to inf, which no message may hold (to_json would then fail, allow_nan=False).
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is out of the range of a JSON number")
+    return number
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (iteratively: no recursion on hostile input)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ProtocolError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in hint)
+            raise ProtocolError(f"{where}: {value!r} is not one of {allowed}") from None
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ProtocolError(f"{where}: expected a finite number")
+        return number
+    if origin in (dict, list, tuple):
+        if not isinstance(value, dict if origin is dict else list):
+            raise ProtocolError(f"{where}: expected {'object' if origin is dict else 'array'}")
+        if origin is tuple:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if origin is list:
+            return [_coerce(v, args[0], where) for v in value]
+        return {str(k): _coerce(v, args[1], where) for k, v in value.items()}
+    if hint in (str, int, bool) and type(value) is hint:
+        return value
+    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class DeviceState(_Message):
+    """`devices/{id}/state` (retained; the Last Will publishes online=False)."""
+
+    device_id: str
+    online: bool
+    agent_version: str = ""
+    target: str | None = None  # profile name the device was configured with
+    hardware: dict[str, Any] = field(default_factory=dict)  # arch, cpu, memory, accelerators found
+    runtimes: dict[str, Any] = field(default_factory=dict)  # runtime -> {"version", "providers"}
+    active_package: str | None = None
+    active_variant: str | None = None
+    provider: str | None = None
+    updated_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstallEvent(_Message):
+    """`devices/{id}/events` (QoS 1): one step of an install."""
+
+    kind: InstallEventKind
+    package_id: str
+    at: float  # unix time on the device
+    rollout_id: str | None = None
+    progress: float | None = None  # 0..1, for downloading
+    reason: str | None = None  # for failed / rolled_back: one line
+    table: list[dict[str, Any]] | None = None  # for selected: variant x provider benchmark rows
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self, where: str) -> None:
+        if self.progress is not None and not 0.0 <= self.progress <= 1.0:
+            raise ProtocolError(f"{where}: field 'progress' must be within 0..1")
+
+
+@dataclass(frozen=True)
+class TelemetryWindow(_Message):
+    """`devices/{id}/telemetry` (QoS 1): latency and load over one window; ``seq`` orders them."""
+
+    seq: int
+    window_start: float  # unix time
+    window_end: float
+    count: int  # inference calls completed in the window
+    errors: int
+    p50_ms: float | None = None  # None when count == 0
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    histogram: dict[str, int] = field(default_factory=dict)  # bucket upper bound (ms, as text) -> count
+    variant: str | None = None
+    provider: str | None = None
+    package_id: str | None = None
+    cpu_percent: float | None = None
+    rss_mb: float | None = None
+    dropped_windows: int = 0  # windows lost to a full on-disk buffer before this one
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self, where: str) -> None:
+        if self.count < 0 or self.errors < 0 or self.dropped_windows < 0:
+            raise ProtocolError(f"{where}: counts must not be negative")
+        if self.window_end < self.window_start:
+            raise ProtocolError(f"{where}: window_end is before window_start")
+
+
+@dataclass(frozen=True)
+class BlockRequest(_Message):
+    """Payload of `packages/{id}/get`: {"blocks": [...]} or {"index": true}, with MQTT 5
+    ResponseTopic (the device's blocks topic) and CorrelationData (echoed)."""
+
+    blocks: tuple[int, ...] = ()
+    index: bool = False
+    block_size: int | None = None  # the block size the device expects; a mismatch is BAD_REQUEST
+
+    def to_json(self) -> bytes:
+        data: dict[str, Any] = {"index": True} if self.index else {"blocks": list(self.blocks)}
+        if self.block_size is not None:
+            data["block_size"] = self.block_size
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    def _check(self, where: str) -> None:
+        if self.index == bool(self.blocks):
+            raise ProtocolError(f"{where}: ask for either 'blocks' or 'index', not both or neither")
+        if len(self.blocks) > MAX_BLOCKS_PER_REQUEST:
+            raise ProtocolError(f"{where}: more than {MAX_BLOCKS_PER_REQUEST} blocks in one request")
+        if any(b < 0 or b >= INDEX_BLOCK for b in self.blocks):
+            raise ProtocolError(f"{where}: block numbers must be within 0..{INDEX_BLOCK - 1}")
+        if len(set(self.blocks)) != len(self.blocks):
+            raise ProtocolError(f"{where}: a block is asked for twice")
+
+
