@@ -114,6 +114,7 @@ class Agent:
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self._desired: queue.Queue[Accepted | None] = queue.Queue()
+        self._last_refused: SignedStatement | None = None
         self._flush_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
@@ -206,14 +207,25 @@ class Agent:
     def _on_desired(self, client: Any, userdata: Any, message: Any) -> None:
         if not message.payload:
             return  # a cleared retained message: nothing desired
-        package_id = ""
         try:
             signed = SignedStatement.from_json(message.payload, topic=message.topic)
-            package_id = signed.statement.package_id
-            accepted = self.guard.accept(signed, self.installer.active_version)
-        except (ProtocolError, TrustError) as exc:
-            self._refuse(package_id, str(exc))
+        except ProtocolError as exc:
+            self._refuse("", str(exc))
             return
+        self._consider(signed)
+
+    def _consider(self, signed: SignedStatement) -> None:
+        """Queue ``signed`` for install if the guard accepts it, else report the refusal. The last
+        refused statement is kept: `desired` and `trust/root` are both retained and may arrive in
+        either order, so a statement signed by a newly rotated fleet key is looked at again once
+        the root that names the key has arrived."""
+        try:
+            accepted = self.guard.accept(signed, self.installer.active_version)
+        except EdgeError as exc:  # TrustError; StorageError when the serial cannot be recorded
+            self._last_refused = signed
+            self._refuse(signed.statement.package_id, str(exc))
+            return
+        self._last_refused = None
         if not accepted.redelivered:
             log.info("accepted statement serial %d for %s %s (signed by %s)", signed.statement.serial,
                      signed.statement.name, signed.statement.version, accepted.fleet_key)
@@ -229,10 +241,14 @@ class Agent:
         if not message.payload or self.guard.root is None:
             return
         try:
-            if self.guard.update_root(parse_root_chain(message.payload, message.topic)):
-                self._emit(InstallEventKind.VERIFIED, "", extra={"trust_root_version": self.guard.root.version})
-        except (ProtocolError, TrustError) as exc:
+            updated = self.guard.update_root(parse_root_chain(message.payload, message.topic))
+        except EdgeError as exc:  # ProtocolError, TrustError, StorageError (disk full writing root.json)
             self._refuse("", f"trust root update refused: {exc}")
+            return
+        if updated:
+            self._emit(InstallEventKind.VERIFIED, "", extra={"trust_root_version": self.guard.root.version})
+            if self._last_refused is not None:
+                self._consider(self._last_refused)
 
     @guarded("on_message")
     def _on_other_message(self, client: Any, userdata: Any, message: Any) -> None:

@@ -29,6 +29,7 @@ from edgesdk.errors import ConfigError, TrustError
 
 ROLE_OF = {"root": "root", "release": "targets", "fleet": "timestamp"}
 DEFAULT_ROOT_LIFETIME_DAYS = 365
+MAX_ROOT_LIFETIME_DAYS = 100 * 365  # far past any sensible rotation; keeps datetime arithmetic in range
 MAX_ROOT_BYTES = 512 * 1024
 
 
@@ -81,6 +82,11 @@ class TrustRoot:
             keys = root.keys_for(role)  # an unusable key type fails here, at load
             if not keys:
                 raise TrustError(f"{where}: names no {role} key")
+            if root.threshold(role) != 1:
+                # Packages and statements carry one signature: obeying a root that asks for more
+                # would quietly weaken it to one, so such a root is refused instead.
+                raise TrustError(f"{where}: {role} threshold {root.threshold(role)}; edgesdk checks one "
+                                 f"signature per package and statement (threshold 1)")
         return root
 
     @property
@@ -164,6 +170,11 @@ def _build_root(root_publics: Sequence[Ed25519PublicKey], release_keys: Sequence
                 fleet_keys: Sequence[Ed25519PublicKey], signers: Sequence[Ed25519PrivateKey], *, threshold: int,
                 version: int, expires_days: float, now: datetime | None = None) -> bytes:
     Metadata, Role, Root, SSlibKey, CryptoSigner = _tuf()
+    if not (isinstance(expires_days, (int, float)) and 0 < expires_days <= MAX_ROOT_LIFETIME_DAYS):
+        # NaN, infinities and 1e9 days used to escape as ValueError/OverflowError from timedelta,
+        # and a negative lifetime wrote a root every device would refuse as expired.
+        raise ConfigError(f"root lifetime {expires_days!r} days: use more than 0 and at most "
+                          f"{MAX_ROOT_LIFETIME_DAYS}")
     if not root_publics or not release_keys or not fleet_keys:
         raise ConfigError("a trust root needs at least one root key, one release key and one fleet key")
     if not 1 <= threshold <= len(root_publics):

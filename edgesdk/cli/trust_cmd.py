@@ -113,6 +113,7 @@ def publish(
     parsed = sorted((TrustRoot.from_bytes(r, "root") for r in raws), key=lambda r: r.version)
     for before, after in zip(parsed, parsed[1:]):  # refuse to publish a chain devices would refuse
         before.next(after.raw)
+    parsed[-1].check_not_expired()  # devices refuse a chain whose newest root has expired
     config = broker_config(broker, ca, cert, client_key, username, password, password_file)
     publish_retained(config, protocol.trust_root_topic(fleet), root_chain_message(r.raw for r in parsed))
     out.print(f"published trust roots {', '.join(str(r.version) for r in parsed)} for fleet {fleet}")

@@ -155,3 +155,36 @@ def test_statement_signed_with_release_key_needs_explicit_consent(rig: Rig) -> N
         check_fleet_key(release, rig.packages.v2.published, allow_release_key=False)
     check_fleet_key(release, rig.packages.v2.published, allow_release_key=True)
     shutil.rmtree(rig.tmp / "unused", ignore_errors=True)
+
+
+def test_fleet_key_rotated_through_trust_root_without_touching_the_device(rig: Rig, tmp_path) -> None:
+    """The device is provisioned with root v1 only. The fleet key is rotated (root v2, signed by
+    the root key): a statement from the new key is refused until v2 arrives over MQTT, then obeyed
+    (the refused statement is looked at again); the revoked old key is refused from then on."""
+    from edgesdk.fleet.deploy import publish_retained
+    from edgesdk.protocol import trust_root_topic
+    from edgesdk.trustroot import TrustRoot, create_root, root_chain_message, rotate_root
+    from tests.agent.agent_harness import FLEET, fast_broker
+
+    root_key = load_private_key(generate_keys(tmp_path / "root").private_path)
+    old_fleet = load_private_key(rig.packages.fleet_keys.private_path)
+    new_fleet = load_private_key(generate_keys(tmp_path / "fleet2").private_path)
+    release = load_public_key(rig.packages.keys.public_path)
+    v1_root = create_root([root_key], [release], [old_fleet.public_key()])
+    (tmp_path / "root.json").write_bytes(v1_root)
+    v2_root = rotate_root(TrustRoot.from_bytes(v1_root), [root_key], fleet_keys=[new_fleet.public_key()])
+    config = rig.config(trust_root=str(tmp_path / "root.json"), trusted_keys=None, fleet_keys=None)
+    with repository(rig.broker.url, rig.packages.repo), running_agent(config) as agent:
+        rig.wait_v1_online()
+        new_statement = sign_statement(rig.packages.v2.statement(rig.device), new_fleet)
+        publish_desired(rig.broker.url, rig.device, new_statement.to_json())
+        assert "does not match any trusted key" in refused(rig)
+        publish_retained(fast_broker(rig.broker.url), trust_root_topic(FLEET), root_chain_message([v2_root]))
+        rig.col.wait_event(K.ACTIVATED, rig.packages.v2.pid)
+        assert agent.guard.root.version == 2
+        assert rig.served(agent.api.url) == "v2"
+        after = len(rig.col.events)
+        revoked = sign_statement(rig.packages.v1.statement(rig.device, rollback=True), old_fleet)
+        publish_desired(rig.broker.url, rig.device, revoked.to_json())
+        assert "does not match any trusted key" in refused(rig, after=after)
+        assert rig.served(agent.api.url) == "v2"
