@@ -127,7 +127,9 @@ class FleetError(EdgeError):
 
 
 _OS_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EIO: "I/O error"}
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EIO: "I/O error",
+               errno.ECONNREFUSED: "connection refused", errno.EHOSTUNREACH: "host unreachable",
+               errno.ENETUNREACH: "network unreachable", errno.ETIMEDOUT: "timed out"}
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -609,9 +609,13 @@ class ServeProcess:
 @contextmanager
 def running_agent(config: AgentConfig, broker: BrokerConfig | None = None, **kwargs: Any) -> Iterator[Any]:
     """An in-process `Agent`, started (API on a free port), stopped on exit."""
-    from agent.daemon import Agent
+    from agent.daemon import Agent, broker_config_of
 
-    agent = Agent(config, broker=broker or fast_broker(config.broker), hardware=hardware(), api_port=0, **kwargs)
+    # The agent logs in with its own config (on a secure broker: its device login, never the
+    # fleet service's), with reconnect timings for tests.
+    broker = broker or broker_config_of(config).with_timeouts(reconnect_min_s=0.05, reconnect_max_s=0.5,
+                                                              connect_timeout_s=5)
+    agent = Agent(config, broker=broker, hardware=hardware(), api_port=0, **kwargs)
     agent.start()
     try:
         yield agent
@@ -662,6 +666,10 @@ class Rig:
             acks = self.col.subacks
             self.broker.restart()
             self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
+
+    def publish(self, signed: SignedStatement) -> None:
+        """Put ``signed`` on this device's desired topic (retained), as the fleet service would."""
+        publish_desired(self.broker.url, self.device, signed.to_json())
 
     def assert_v1_still_serving(self, agent: Any) -> None:
         assert self.served(agent.api.url) == "v1"

@@ -90,3 +90,13 @@ def test_doctor_with_config_reports_wrong_password(tmp_path: Path, env: dict[str
     result = run_cli(["edge-agent", "doctor", "--config", str(config), "--json"], env)
     assert result.returncode == 1
     assert "refused the connection" in json.loads(result.stdout)["broker"]["problem"]
+
+
+def test_agent_pointed_at_a_dead_broker_says_so_at_each_retry(tmp_path: Path, env: dict[str, str]) -> None:
+    from tests.agent.agent_harness import AgentProcess, wait_until
+
+    config = write_config(tmp_path / "agent.yaml", valid_settings(tmp_path) | {"api": "127.0.0.1:0"})
+    with AgentProcess(config, tmp_path / "agent.log", env) as agent:
+        wait_until(lambda: agent.log().count("cannot reach broker mqtt://127.0.0.1:1: connection refused; "
+                                             "retrying in") >= 2, timeout=30, what="two logged retries")
+        assert agent.terminate() == 0

@@ -214,3 +214,50 @@ def test_agent_killed_during_install_restarts_serving_and_completes(rig: Rig, ki
     # Start-up reports the crash's leftovers it removed as `failed` (installer.restore); nothing else failed.
     others = [e for e in rig.col.of_kind(K.FAILED) if not (e.reason or "").startswith("removed unfinished ")]
     assert others == [], rig.col.describe_events()
+
+
+def test_agent_killed_mid_download_resumes_after_restart(rig: Rig) -> None:
+    """SIGKILL while blocks are arriving (a rate-limited repository with 16 KiB blocks makes the
+    download last seconds): the restarted agent serves v1 at once, finishes the download and
+    activates v2, and leaves no download files behind."""
+    from edgesdk.fleet.deploy import next_serial
+    from edgesdk.fleet.repository import RepositoryServer, publish_package
+    from tests.agent.agent_harness import FLEET, fast_broker
+
+    v2 = rig.packages.v2
+    repo = rig.tmp / "slow-repo"
+    slow_v2 = publish_package(v2.path, repo, block_size=16 * 1024)
+    api_port = free_port()
+    config = write_config(rig.tmp / "agent.yaml", rig.settings(api=f"127.0.0.1:{api_port}", stall_timeout_s=10))
+    env = subprocess_env(rig.tmp / "home", rig.broker.url)
+    slow = dict(bytes_per_s=96 * 1024, burst_bytes=32 * 1024, blocks_per_s=64, burst_blocks=4, max_delay_s=0.5)
+    with RepositoryServer(fast_broker(rig.broker.url), FLEET, repo, share_group=rig.broker.share_group, **slow):
+        with AgentProcess(config, rig.tmp / "agent-1.log", env) as first:
+            rig.wait_v1_online()
+            rig.publish(rig.packages.sign(slow_v2.statement(FLEET, rig.device, next_serial())))
+            rig.col.wait_for(lambda c: any(e.kind == K.DOWNLOADING and 0.2 <= (e.progress or 0) < 1
+                                           for e in c.events), what="the download under way")
+            first.kill()
+            assert rig.col.of_kind(K.DOWNLOADED, v2.pid) == [], "the download finished before the kill"
+        assert list((rig.data_dir / "downloads").glob(f"{v2.pid}.part")), "no partial download to resume"
+        states = len(rig.col.states)
+        with AgentProcess(config, rig.tmp / "agent-2.log", env) as second:
+            rig.col.wait_for(lambda c: any(s.online for s in c.states[states:]), what="the restarted agent")
+            assert rig.served(f"http://127.0.0.1:{api_port}") == "v1"
+            rig.col.wait_event(K.ACTIVATED, v2.pid)
+            assert rig.served(f"http://127.0.0.1:{api_port}") == "v2"
+            assert second.terminate() == 0
+    assert not any((rig.data_dir / "downloads").iterdir()), "download files left behind"
+
+
+def test_stalled_download_is_retried_when_the_repository_returns(rig: Rig) -> None:
+    v2 = rig.packages.v2
+    with running_agent(rig.config(stall_timeout_s=1), retry_delays=(0.5, 1.0)) as agent:
+        rig.wait_v1_online()
+        deploy(rig.broker.url, rig.device, v2)  # no repository is running: the transfer stalls
+        failed = rig.col.wait_event(K.FAILED, v2.pid)
+        assert "stalled" in failed.reason and failed.extra.get("retry") is True
+        rig.assert_v1_still_serving(agent)
+        with repository(rig.broker.url, rig.packages.repo):  # it comes back: the agent retries by itself
+            rig.col.wait_event(K.ACTIVATED, v2.pid)
+        assert rig.served(agent.api.url) == "v2"

@@ -452,8 +452,6 @@ def test_provisioned_device_connects_with_its_agent_yaml(broker, tmp_path: Path)
     disconnect(client)
 
 
-@pytest.mark.xfail(strict=False, reason="agent/config.py does not accept fleet_keys, trust_root and labels yet "
-                                        "(the lead adds them); drop this mark then")
 def test_provisioned_agent_yaml_loads(broker, tmp_path: Path):
     from agent.config import load_config
 
