@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from edgesdk.errors import ConfigError, describe_os_error
+
 
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or create inside ``path`` durable."""
@@ -54,3 +56,27 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None
 
 def write_text_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), mode)
+
+
+def check_output_folder(path: Path, what: str) -> None:
+    """Make sure ``path`` is a folder we can write into, creating it (and its parents) if needed;
+    otherwise fail with one line (ConfigError) before any real work starts. Writability is probed
+    with a real temporary file: root passes every permission check but not a read-only mount."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: exists and is not a folder")
+    if not path.exists():
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{what} {path}: {parent} is not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: cannot create it ({describe_os_error(exc)})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write into it ({describe_os_error(exc)})") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
 
 import typer
@@ -75,7 +74,7 @@ def publish(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Verify a package (signature and every file's hash) and add it to the repository by sha256."""
-    from edgesdk.fleet.broker_policy import check_output_folder
+    from edgesdk.atomicfile import check_output_folder
     from edgesdk.fleet.repository import publish_package
     from edgesdk.signing import PUBLIC_NAME, default_key_dir, load_public_key
 

@@ -24,7 +24,7 @@ def generate(
 ) -> None:
     """Generate a key pair. Keep the private key (mode 0600) secret; give the .pub file to devices."""
     from edgesdk.errors import ConfigError
-    from edgesdk.fleet.broker_policy import check_output_folder
+    from edgesdk.atomicfile import check_output_folder
 
     if role not in KEY_ROLES:
         raise ConfigError(f"--role {role!r}: use one of {', '.join(KEY_ROLES)}")

@@ -76,7 +76,7 @@ def package(
     it fails its gate after bounded repairs. The package holds the passing variants, a manifest with
     every metric, and reference inputs/outputs for the device's health check.
     """
-    from edgesdk.fleet.broker_policy import check_output_folder
+    from edgesdk.atomicfile import check_output_folder
 
     # Before any work: a package that took minutes to build must not then fail to be written.
     check_output_folder(out, "--out")

@@ -12,12 +12,8 @@ quotes it, so the rules a reader sees are the rules the broker enforces.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import enum
-import hashlib
-import hmac
-import ipaddress
 import json
 import os
 import pwd
@@ -25,14 +21,17 @@ import re
 import secrets
 import shlex
 import socket
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgesdk.atomicfile import write_bytes_atomic, write_text_atomic
+from edgesdk.atomicfile import check_output_folder, write_bytes_atomic, write_text_atomic
 from edgesdk.broker import DEFAULT_MAX_PACKET_SIZE, MIN_MAX_PACKET_SIZE, MQTT_MAX_PACKET_SIZE
-from edgesdk.errors import ConfigError, EdgeError, describe_os_error, map_os_errors
+from edgesdk.errors import ConfigError, EdgeError, map_os_errors
+from edgesdk.fleet.certificates import (cert_hosts, cert_pem, create_ca, issue_server_cert, issued_by, key_pem,
+                                       load_cert, load_key, parse_ip)
+from edgesdk.fleet.mosquitto_passwd import (check_password, hash_password, new_password, read_password_file,
+                                            write_password_file)
 from edgesdk.protocol import ROOT, SHARE_GROUP, check_id
 
 FLEET_SERVICE = "fleet-service"  # repository, rollout controller, deploys, telemetry collector
@@ -49,16 +48,8 @@ SETTINGS_NAME = "broker.json"  # what provisioning needs to know: URL for device
 CA_CERT_NAME, CA_KEY_NAME = "ca.crt", "ca.key"
 SERVER_CERT_NAME, SERVER_KEY_NAME = "server.crt", "server.key"
 DATA_NAME = "data"
-CA_DAYS = 3650
-SERVER_DAYS = 825  # the longest lifetime clients commonly accept for a server certificate
 RENEW_BEFORE_DAYS = 30  # a re-run re-issues a server certificate that expires sooner than this
 
-# mosquitto_passwd (2.0) writes PBKDF2-SHA512 with 101 iterations and a 12-byte salt. Every
-# password here is 32 random bytes (256 bits), so key stretching adds nothing an attacker could
-# notice; more iterations would only slow down each CONNECT. Mosquitto reads the count per line.
-PBKDF2_ITERATIONS = 101
-SALT_BYTES = 12
-_HASH_LINE = re.compile(r"\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 _DNS_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
@@ -142,77 +133,6 @@ def render_acl() -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- Mosquitto's password file ------------------------------------------------------------------
-def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
-    """``$7$ITERATIONS$SALT$HASH``: PBKDF2-SHA512, base64, the format mosquitto_passwd writes."""
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def check_password(encoded: str, password: str) -> bool:
-    """True when ``password`` matches a ``$7$`` hash (constant-time compare)."""
-    match = _HASH_LINE.fullmatch(encoded)
-    if match is None:
-        return False
-    iterations, salt, expected = int(match[1]), base64.b64decode(match[2]), base64.b64decode(match[3])
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
-    return hmac.compare_digest(digest, expected)
-
-
-def new_password() -> str:
-    """32 random bytes, URL-safe base64 (no characters a shell or an env file would mangle)."""
-    return secrets.token_urlsafe(32)
-
-
-def read_password_file(path: Path) -> dict[str, str]:
-    """username -> hash, in file order; {} when the file does not exist."""
-    try:
-        with map_os_errors(f"read {path}"):
-            text = path.read_text(encoding="utf-8")
-    except EdgeError:
-        if not path.exists():
-            return {}
-        raise
-    entries: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        user, sep, encoded = line.partition(":")
-        if not sep or not user:
-            raise ConfigError(f"{path}:{number}: not a 'username:hash' line")
-        entries[user] = encoded
-    return entries
-
-
-def write_password_file(path: Path, entries: Mapping[str, str]) -> None:
-    """Write atomically, mode 0600, keeping the owner of the file it replaces: Mosquitto re-reads
-    it on SIGHUP as the user it dropped to, so a root-owned replacement would lock everyone out."""
-    owner = _owner(path)
-    text = "".join(f"{user}:{encoded}\n" for user, encoded in entries.items())
-    with map_os_errors(f"write {path}"):
-        write_text_atomic(path, text, 0o600)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(path, *owner)
-
-
-def set_password(path: Path, username: str, password: str) -> None:
-    """Add ``username`` to the password file, or replace its password."""
-    if ":" in username or not username or username != username.strip():
-        raise ConfigError(f"username {username!r}: must be non-empty, without ':' or surrounding spaces")
-    entries = read_password_file(path)
-    entries[username] = hash_password(password)
-    write_password_file(path, entries)
-
-
-def _owner(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_uid, st.st_gid
-
-
 # -- env files ----------------------------------------------------------------------------------
 def write_env_file(path: Path, values: Mapping[str, str]) -> None:
     """``KEY=value`` lines (shell-quoted) for ``set -a; . FILE``; mode 0600: it holds a password."""
@@ -236,131 +156,6 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-# -- certificates ---------------------------------------------------------------------------------
-# ECDSA P-256 rather than Ed25519: every TLS stack a device may have (OpenSSL 1.0.2 on old images,
-# mbedTLS, wolfSSL) accepts P-256 certificates in TLS 1.2, while Ed25519 certificates need
-# OpenSSL 1.1.1+ and are refused by many embedded stacks. Both Mosquitto 2.0.11 and Python's ssl
-# (OpenSSL 3) accept this CA and server certificate (tests/edgesdk/test_broker_policy.py).
-def _new_key():  # noqa: ANN202 - cryptography's key type
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key) -> bytes:  # noqa: ANN001
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert_pem(cert) -> bytes:  # noqa: ANN001
-    from cryptography.hazmat.primitives import serialization
-
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def create_ca(common_name: str, days: int = CA_DAYS):  # noqa: ANN201 - (private key, certificate)
-    """A self-signed CA that may sign server certificates only (path length 0)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def issue_server_cert(ca_key, ca_cert, hosts: Iterable[str], days: int = SERVER_DAYS):  # noqa: ANN001, ANN201
-    """A server certificate for ``hosts`` (DNS names and IP addresses as SANs), signed by the CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    hosts = list(hosts)
-    key = _new_key()
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        ip = _ip(host)
-        sans.append(x509.IPAddress(ip) if ip is not None else x509.DNSName(host))
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return key, cert
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _cert_hosts(cert) -> set[str]:  # noqa: ANN001
-    from cryptography import x509
-
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    return ({str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-            | {name.lower() for name in sans.get_values_for_type(x509.DNSName)})
-
-
-def _load_cert(path: Path):  # noqa: ANN202
-    from cryptography import x509
-
-    with map_os_errors(f"read {path}"):
-        data = path.read_bytes()
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise ConfigError(f"{path}: not a PEM certificate (use --force to make a new CA)") from None
-
-
-def _load_key(path: Path):  # noqa: ANN202
-    from cryptography.hazmat.primitives import serialization
-
-    with map_os_errors(f"read {path}"):
-        data = path.read_bytes()
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{path}: not a PEM private key (use --force to make a new CA)") from None
-
-
-def _issued_by(cert, ca_cert) -> bool:  # noqa: ANN001
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except Exception:  # noqa: BLE001 - ValueError, TypeError or InvalidSignature: not ours either way
-        return False
-    return True
-
-
-# -- the whole folder -----------------------------------------------------------------------------
 def default_hosts() -> tuple[str, ...]:
     """localhost, 127.0.0.1 and this machine's host name (when it is a valid DNS name)."""
     hosts = ["localhost", "127.0.0.1"]
@@ -414,9 +209,9 @@ class BrokerSetup:
         if not self.hosts:
             raise ConfigError("--host: give at least one host name or IP address")
         for host in self.hosts:
-            if _ip(host) is None and not _DNS_NAME.fullmatch(host):
+            if parse_ip(host) is None and not _DNS_NAME.fullmatch(host):
                 raise ConfigError(f"--host {host!r}: not a host name or IP address")
-        if self.bind is not None and _ip(self.bind) is None and not _DNS_NAME.fullmatch(self.bind):
+        if self.bind is not None and parse_ip(self.bind) is None and not _DNS_NAME.fullmatch(self.bind):
             raise ConfigError(f"--bind {self.bind!r}: not a host name or IP address")
         if not MIN_MAX_PACKET_SIZE <= self.max_packet_size <= MQTT_MAX_PACKET_SIZE:
             raise ConfigError(f"--max-packet-size {self.max_packet_size}: must be "
@@ -430,30 +225,6 @@ class BrokerSetup:
         for what, path in (("--out", self.out), ("--log-file", self.log_file)):
             if path is not None and any(c.isspace() for c in str(Path(path).absolute())):
                 raise ConfigError(f"{what} {path}: Mosquitto cannot read a path with spaces in its config")
-
-
-def check_output_folder(path: Path, what: str) -> None:
-    """Make sure ``path`` is a folder we can write into, creating it (and its parents) if needed;
-    otherwise fail with one line (ConfigError) before any real work starts. Writability is probed
-    with a real temporary file: root passes every permission check but not a read-only mount."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what} {path}: exists and is not a folder")
-    if not path.exists():
-        parent = path.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ConfigError(f"{what} {path}: {parent} is not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{what} {path}: cannot create it ({describe_os_error(exc)})") from None
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot write into it ({describe_os_error(exc)})") from None
 
 
 @dataclass(frozen=True)
@@ -587,23 +358,23 @@ def write_broker_config(setup: BrokerSetup) -> BrokerFiles:
 def _write_tls_files(setup: BrokerSetup, p: Mapping[str, Path]) -> list[str]:
     kept: list[str] = []
     if not setup.force and p["ca_key"].exists() and p["ca_cert"].exists():
-        ca_key, ca_cert = _load_key(p["ca_key"]), _load_cert(p["ca_cert"])
+        ca_key, ca_cert = load_key(p["ca_key"]), load_cert(p["ca_cert"])
         kept.append("CA")
     else:
         ca_key, ca_cert = create_ca(f"edgesdk broker CA ({setup.hosts[0]})")
         with map_os_errors(f"write {p['ca_key']}"):
-            write_bytes_atomic(p["ca_key"], _key_pem(ca_key), 0o600)
-            write_bytes_atomic(p["ca_cert"], _cert_pem(ca_cert), 0o644)
+            write_bytes_atomic(p["ca_key"], key_pem(ca_key), 0o600)
+            write_bytes_atomic(p["ca_cert"], cert_pem(ca_cert), 0o644)
     wanted = {h.lower() for h in setup.hosts}
     if p["server_cert"].exists() and p["server_key"].exists() and "CA" in kept:
-        cert = _load_cert(p["server_cert"])
+        cert = load_cert(p["server_cert"])
         fresh = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=RENEW_BEFORE_DAYS)
-        if _cert_hosts(cert) == wanted and _issued_by(cert, ca_cert) and fresh:
+        if cert_hosts(cert) == wanted and issued_by(cert, ca_cert) and fresh:
             return kept + ["server certificate"]
     key, cert = issue_server_cert(ca_key, ca_cert, setup.hosts)
     with map_os_errors(f"write {p['server_key']}"):
-        write_bytes_atomic(p["server_key"], _key_pem(key), 0o600)
-        write_bytes_atomic(p["server_cert"], _cert_pem(cert), 0o644)
+        write_bytes_atomic(p["server_key"], key_pem(key), 0o600)
+        write_bytes_atomic(p["server_cert"], cert_pem(cert), 0o644)
     return kept
 
 

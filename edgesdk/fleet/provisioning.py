@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from edgesdk.atomicfile import write_text_atomic
+from edgesdk.atomicfile import check_output_folder, write_text_atomic
 from edgesdk.errors import ConfigError, EdgeError, map_os_errors
-from edgesdk.fleet.broker_policy import (broker_paths, check_device_username, check_output_folder,
-                                         load_broker_settings, new_password, read_password_file, set_password)
+from edgesdk.fleet.broker_policy import broker_paths, check_device_username, load_broker_settings
+from edgesdk.fleet.mosquitto_passwd import new_password, read_password_file, set_password
 from edgesdk.protocol import check_id
 from edgesdk.signing import default_key_dir, key_file_names, load_public_key
 

@@ -32,8 +32,9 @@ from edgesdk import protocol
 from edgesdk.broker import connect_blocking, disconnect, make_client
 from edgesdk.cli.main import app
 from edgesdk.errors import BrokerError, ConfigError
-from edgesdk.fleet.broker_policy import (DEVICE_RULES, SERVICE_RULES, BrokerSetup, check_password, create_ca,
-                                         hash_password, read_password_file, render_acl, write_broker_config)
+from edgesdk.fleet.broker_policy import DEVICE_RULES, SERVICE_RULES, BrokerSetup, render_acl, write_broker_config
+from edgesdk.fleet.certificates import create_ca
+from edgesdk.fleet.mosquitto_passwd import check_password, hash_password, read_password_file
 from edgesdk.signing import generate_keys
 
 WAIT_S = 10.0
