@@ -168,10 +168,10 @@ def test_concurrent_callers_on_onnxruntime_all_succeed_and_match(tmp_path, host,
 
 def test_concurrent_callers_on_litert_all_succeed_and_match(tmp_path, host, api_factory) -> None:
     pytest.importorskip("ai_edge_litert.interpreter")
-    from tests.edgesdk.test_runtime_concurrency import _tflite_dense
+    from tests.fixtures.tiny_models import tflite_dense_model
 
     weights = np.random.default_rng(3).normal(size=(64, 256)).astype(np.float32)
-    session = runtime.open_session(_tflite_dense(tmp_path / "dense.tflite", weights), "litert", "XNNPACK")
+    session = runtime.open_session(tflite_dense_model(tmp_path / "dense.tflite", weights), "litert", "XNNPACK")
     rng = np.random.default_rng(5)
     feeds = [{"x": rng.normal(size=(1 + 5 * i, 256)).astype(np.float32)} for i in range(CALLERS)]
     expected = [session.run(f) for f in feeds]

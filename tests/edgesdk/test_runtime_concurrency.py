@@ -13,7 +13,7 @@ import pytest
 
 from edgesdk import runtime
 from edgesdk.errors import ConfigError
-from tests.fixtures.tiny_models import mlp_model
+from tests.fixtures.tiny_models import mlp_model, tflite_dense_model
 
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
 CALLERS, ROUNDS = 4, 25
@@ -82,50 +82,11 @@ def test_concurrent_callers_on_onnxruntime_session_all_succeed_and_match(mlp: Pa
     assert errors == [] and mismatches == 0
 
 
-def _tflite_dense(path: Path, weights: np.ndarray) -> Path:
-    """y = x · weightsᵀ (FULLY_CONNECTED), x [-1, in] float32, written with LiteRT's flatbuffer schema."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as s
-
-    out_dim, in_dim = weights.shape
-    model = s.ModelT()
-    model.version = 3
-    buffers = [s.BufferT() for _ in range(4)]  # buffer 0 is the empty sentinel by convention
-    buffers[1].data = np.frombuffer(weights.astype(np.float32).tobytes(), np.uint8)
-    model.buffers = buffers
-
-    def tensor(name: str, buffer: int, shape: list[int], signature: list[int]) -> s.TensorT:
-        t = s.TensorT()
-        t.name, t.buffer, t.type = name, buffer, s.TensorType.FLOAT32
-        t.shape, t.shapeSignature = shape, signature
-        return t
-
-    graph = s.SubGraphT()
-    graph.tensors = [tensor("x", 2, [1, in_dim], [-1, in_dim]),
-                     tensor("w", 1, [out_dim, in_dim], [out_dim, in_dim]),
-                     tensor("y", 3, [1, out_dim], [-1, out_dim])]
-    graph.inputs, graph.outputs = [0], [2]
-    code = s.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
-    code.version = 1
-    options = s.FullyConnectedOptionsT()
-    options.keepNumDims = True
-    op = s.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, -1], [2]  # -1: no bias
-    op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, options
-    graph.operators = [op]
-    model.operatorCodes, model.subgraphs = [code], [graph]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    path.write_bytes(builder.Output())
-    return path
-
-
 @pytest.mark.skipif(not HAS_LITERT, reason="ai_edge_litert not installed")
 @pytest.mark.parametrize("provider", ["XNNPACK", "CPU"])
 def test_concurrent_callers_on_litert_session_all_succeed_and_match(tmp_path: Path, provider: str) -> None:
     weights = np.random.default_rng(3).normal(size=(256, 512)).astype(np.float32)
-    session = runtime.open_session(_tflite_dense(tmp_path / "dense.tflite", weights), "litert", provider)
+    session = runtime.open_session(tflite_dense_model(tmp_path / "dense.tflite", weights), "litert", provider)
     # Each caller a different batch: without the lock one caller's resize and inputs land in
     # another's invoke.
     rng = np.random.default_rng(5)
