@@ -1,100 +1,25 @@
 """PackageFetcher against a real Mosquitto and RepositoryServer: faults are injected for real
-(the broker is SIGKILLed, repository bytes are flipped, the disk is /dev/full)."""
+(the broker is SIGKILLed, repository bytes are flipped, the disk is /dev/full). The broker runs the
+shipped policy: the device logs in as itself, the repository as the fleet service."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from agent.transfer import PackageFetcher, Progress
-from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client, parse_broker_url
+from agent.transfer import Progress
 from edgesdk.errors import TransferError, TransferStalledError
-from edgesdk.fleet.repository import PublishedPackage, RepositoryServer, publish_package
-from edgesdk.manifest import Manifest, TensorSpec, Variant
-from edgesdk.package import write_package
-from edgesdk.protocol import DeploymentStatement
-from edgesdk.signing import generate_keys, load_private_key
-
-FLEET = "lab"
-DEVICE = "pi-7"
-BLOCK = 64 * 1024  # small blocks: many of them from a 2 MiB package keeps the tests fast
-SIZE = 2 * 1024 * 1024
-
-
-def fast(url: str) -> BrokerConfig:
-    return parse_broker_url(url, reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=5)
-
-
-def spec(published: PublishedPackage) -> DeploymentStatement:
-    """What the agent fetches from: the deployment statement for this device (signing is not the
-    fetcher's business; it only reads the transfer fields)."""
-    return published.statement(FLEET, DEVICE, serial=1)
-
-
-@pytest.fixture
-def published(tmp_path: Path) -> PublishedPackage:
-    keys = generate_keys(tmp_path / "keys")
-    model = tmp_path / "model.onnx"
-    model.write_bytes(os.urandom(SIZE))
-    manifest = Manifest(name="demo", version="2.0", target="raspberry-pi-5", source={"filename": "model.onnx"},
-                        inputs=[TensorSpec("x", "float32", (1, 4))], outputs=[TensorSpec("y", "float32", (1, 2))],
-                        variants=[Variant(id="onnx-fp32", kind="fp32", format="onnx", precision="fp32",
-                                          runtime="onnxruntime", file="model.onnx")])
-    pkg = write_package(tmp_path / "demo.edgepkg", manifest, {"model.onnx": model},
-                        load_private_key(keys.private_path))
-    return publish_package(pkg, tmp_path / "repo", block_size=BLOCK)
-
-
-@pytest.fixture
-def repository(mosquitto, published: PublishedPackage) -> Iterator[RepositoryServer]:  # noqa: ANN001
-    with RepositoryServer(fast(mosquitto.url), FLEET, published.path.parent) as server:
-        yield server
-
-
-class Device:
-    """The agent's side: one connected client whose on_connect feeds the current fetcher."""
-
-    def __init__(self, url: str, data_dir: Path) -> None:
-        self.config = fast(url)
-        self.data_dir = data_dir
-        self.fetcher: PackageFetcher | None = None
-        self.connects = 0
-        self.client = make_client(DEVICE, self.config, clean_start=False)
-        self.client.on_connect = self._on_connect
-        connect_blocking(self.client, self.config)
-
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        self.connects += 1
-        if self.fetcher is not None:
-            self.fetcher.on_connected()
-
-    def new_fetcher(self, **options: float) -> PackageFetcher:
-        options = {"window": 4, "stall_timeout_s": 10, "request_timeout_s": 2, **options}
-        self.fetcher = PackageFetcher(self.client, FLEET, DEVICE, self.data_dir, **options)  # type: ignore[arg-type]
-        return self.fetcher
-
-
-@pytest.fixture
-def device(mosquitto, tmp_path: Path) -> Iterator[Device]:  # noqa: ANN001
-    dev = Device(mosquitto.url, tmp_path / "agent")
-    yield dev
-    disconnect(dev.client)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from edgesdk.fleet.repository import PublishedPackage
+from tests.agent.transfer_rig import (BLOCK, Device, device, fleet, new_id, published,  # noqa: F401
+                                      repository, repository_server, sha256)
 
 
 def test_fetch_over_loopback_matches_sha256(repository, device: Device, published: PublishedPackage) -> None:  # noqa: ANN001
     seen: list[Progress] = []
-    path = device.new_fetcher().fetch(spec(published), seen.append)
+    path = device.new_fetcher().fetch(device.spec(published), seen.append)
 
     assert path == device.data_dir / "downloads" / f"{published.package_id}.edgepkg"
     assert sha256(path) == published.sha256
@@ -105,20 +30,24 @@ def test_fetch_over_loopback_matches_sha256(repository, device: Device, publishe
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .part/.blocks/.index left
 
 
-def test_resumes_transfer_after_broker_restart(mosquitto, repository, device: Device,  # noqa: ANN001
-                                               published: PublishedPackage) -> None:
-    # request_timeout_s=1: replies to requests re-issued before the repository re-subscribed are
-    # lost (a shared subscription with no member drops them); the timeout asks again.
-    fetcher = device.new_fetcher(window=4, request_timeout_s=1)
-    restarted = threading.Event()
+def test_resumes_transfer_after_broker_restart(secure_mosquitto, fleet: str, published: PublishedPackage,  # noqa: ANN001
+                                               tmp_path: Path) -> None:
+    # A broker of its own: this one is killed. It comes back with the same TLS files, password
+    # file and ACL, so the device and the repository log in again with the same credentials.
+    with Device(secure_mosquitto, fleet, new_id("pi"), tmp_path / "agent") as device, \
+            repository_server(secure_mosquitto, fleet, published.path.parent):
+        # request_timeout_s=1: replies to requests re-issued before the repository re-subscribed
+        # are lost (a shared subscription with no member drops them); the timeout asks again.
+        fetcher = device.new_fetcher(window=4, request_timeout_s=1)
+        restarted = threading.Event()
 
-    def kill_broker_once(progress: Progress) -> None:
-        if progress.blocks_done >= 10 and not restarted.is_set():
-            mosquitto.kill()  # SIGKILL: in-flight requests and replies die with it
-            mosquitto.restart()
-            restarted.set()
+        def kill_broker_once(progress: Progress) -> None:
+            if progress.blocks_done >= 10 and not restarted.is_set():
+                secure_mosquitto.kill()  # SIGKILL: in-flight requests and replies die with it
+                secure_mosquitto.restart()
+                restarted.set()
 
-    path = fetcher.fetch(spec(published), kill_broker_once)
+        path = fetcher.fetch(device.spec(published), kill_broker_once)
 
     assert restarted.is_set() and device.connects == 2  # the fault really hit mid-transfer
     assert sha256(path) == published.sha256
@@ -140,10 +69,10 @@ def test_resumes_after_agent_restart_fetching_only_missing_blocks(repository, de
 
     first = device.new_fetcher(checkpoint_every=4)
     with pytest.raises(AgentDied):
-        first.fetch(spec(published), die_at_block_10)
+        first.fetch(device.spec(published), die_at_block_10)
 
     second = device.new_fetcher(checkpoint_every=4)  # a new process: same data_dir, fresh object
-    path = second.fetch(spec(published))
+    path = second.fetch(device.spec(published))
 
     assert sha256(path) == published.sha256
     assert second.stats.resumed_from == 8  # the last checkpoint; blocks 9-10 were written, not claimed
@@ -154,7 +83,7 @@ def test_superseded_partial_download_is_discarded(repository, device: Device,  #
                                                   published: PublishedPackage) -> None:
     fetcher = device.new_fetcher(checkpoint_every=2)
     with pytest.raises(TransferError, match=r"cancelled \(\d+/\d+ blocks kept\)"):
-        fetcher.fetch(spec(published), lambda p: p.blocks_done == 4 and fetcher.cancel())
+        fetcher.fetch(device.spec(published), lambda p: p.blocks_done == 4 and fetcher.cancel())
     downloads = device.data_dir / "downloads"
     assert (downloads / f"{published.package_id}.blocks").exists()
 
@@ -171,35 +100,35 @@ def test_corrupt_repository_block_is_refused_after_bounded_retries_then_repaired
 
     fetcher = device.new_fetcher(max_retries=2)
     with pytest.raises(TransferError, match=r"block 5 came 3 times and it failed verification"):
-        fetcher.fetch(spec(published))
+        fetcher.fetch(device.spec(published))
     assert fetcher.stats.corrupt_blocks == 3
     assert not (device.data_dir / "downloads" / f"{published.package_id}.edgepkg").exists()
 
     published.path.write_bytes(original)  # the operator restores the repository copy
     repaired = device.new_fetcher()
-    path = repaired.fetch(spec(published))
+    path = repaired.fetch(device.spec(published))
     assert sha256(path) == published.sha256
     assert repaired.stats.resumed_from > 0  # the good blocks were kept
 
 
-def test_stalled_transfer_fails_within_the_stall_timeout(mosquitto, device: Device,  # noqa: ANN001
-                                                         published: PublishedPackage) -> None:
-    fetcher = device.new_fetcher(stall_timeout_s=0.6, request_timeout_s=0.2)  # no repository is running
+def test_stalled_transfer_fails_within_the_stall_timeout(device: Device, published: PublishedPackage) -> None:
+    fetcher = device.new_fetcher(stall_timeout_s=0.6, request_timeout_s=0.2)  # no repository for this fleet
     started = time.monotonic()
-    total = spec(published).block_count
+    total = device.spec(published).block_count
     with pytest.raises(TransferStalledError, match=rf"stalled: no block for 0\.6 s \(0/{total} blocks, index not received\)"):
-        fetcher.fetch(spec(published))
+        fetcher.fetch(device.spec(published))
     assert time.monotonic() - started < 3.0  # 0.6 s plus generous slack for a loaded CI machine
     assert fetcher.stats.requests_reissued >= 1
 
 
-def test_two_repository_servers_share_the_requests(mosquitto, device: Device,  # noqa: ANN001
-                                                   published: PublishedPackage) -> None:
-    servers = [RepositoryServer(fast(mosquitto.url), FLEET, published.path.parent) for _ in range(2)]
+def test_two_repository_servers_share_the_requests(secure_mosquitto_session, fleet: str,  # noqa: ANN001
+                                                   device: Device, published: PublishedPackage) -> None:
+    # Both log in as the fleet service and join its secret share group, as two `edgesdk serve` would.
+    servers = [repository_server(secure_mosquitto_session, fleet, published.path.parent) for _ in range(2)]
     for server in servers:
         server.start()
     try:
-        path = device.new_fetcher(window=2).fetch(spec(published))
+        path = device.new_fetcher(window=2).fetch(device.spec(published))
     finally:
         for server in servers:
             server.stop()
@@ -214,16 +143,16 @@ def test_disk_full_keeps_partial_data_for_resume(repository, device: Device,  # 
     part = downloads / f"{published.package_id}.part"
     part.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full SD card
     fetcher = device.new_fetcher()
-    total = spec(published).block_count
+    total = device.spec(published).block_count
     with pytest.raises(TransferError, match=rf"disk full writing .*\.part \(0/{total} blocks kept for resume\)"):
-        fetcher.fetch(spec(published))
+        fetcher.fetch(device.spec(published))
 
     part.unlink()  # space freed
-    path = device.new_fetcher().fetch(spec(published))
+    path = device.new_fetcher().fetch(device.spec(published))
     assert sha256(path) == published.sha256
 
 
 def test_never_accepts_a_deployment_larger_than_the_limit(device: Device, published: PublishedPackage) -> None:
     fetcher = device.new_fetcher(max_package_bytes=1024 * 1024)
     with pytest.raises(TransferError, match="exceeds the limit"):
-        fetcher.fetch(spec(published))
+        fetcher.fetch(device.spec(published))

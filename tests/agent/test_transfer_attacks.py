@@ -1,6 +1,13 @@
-"""The fetcher against a hostile or flaky repository side, over a real Mosquitto: forged replies from a
-client that reads the block requests, a trickling repository, a repository that goes away, and
-downloads that must be refused and deleted. Named after the attack (python-tuf style)."""
+"""The fetcher against a hostile or flaky repository side, over a real Mosquitto running the shipped
+policy (TLS, one login per device, the ACL of edgesdk.fleet.broker_policy): what a device login can
+and cannot see of other devices' transfers, forged replies from a client that reads the block
+requests, a trickling repository, a repository that goes away, and downloads that must be refused
+and deleted. Named after the attack (python-tuf style).
+
+Under the ACL only the fleet service may read block requests and write block responses, so the
+clients below that read requests and answer them (a sniffer, a trickling repository) log in with
+the fleet-service credentials: they stand for a leaked fleet-service credential, or a broker run
+without the policy. A device login can do neither; the first test shows it."""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -21,33 +28,147 @@ from paho.mqtt.properties import Properties
 
 from agent.transfer import PackageFetcher, Progress, TransferLimits
 from edgesdk import protocol
-from edgesdk.broker import connect_blocking, disconnect, make_client
+from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client
 from edgesdk.errors import ConfigError, TransferError, TransferStalledError
-from edgesdk.fleet.repository import PublishedPackage, RepositoryServer
+from edgesdk.fleet.repository import PublishedPackage
 from edgesdk.protocol import INDEX_BLOCK, BlockRequest, BlockResponse, BlockStatus
-from tests.agent.test_transfer import BLOCK, FLEET, Device, device, fast, published, sha256, spec  # noqa: F401
+from tests.agent.transfer_rig import (BLOCK, FAST, Device, device, fleet, fleet_service, new_id,  # noqa: F401
+                                      published, repository, repository_server, sha256)
 
 # Quick retries so the bounded-retry paths take well under a second.
 QUICK = {"retry_base_s": 0.05, "retry_max_s": 0.2}
+WAIT_S = 10.0  # bound on waiting for a SUBACK or a reply that must come
+
+
+def downloads_of(device: Device, package_id: str) -> list[str]:
+    downloads = device.data_dir / "downloads"
+    return sorted(p.name for p in downloads.iterdir() if package_id in p.name) if downloads.exists() else []
+
+
+# -- what a device login sees of another device's transfer -----------------------------------------
+class Eavesdropper:
+    """Another provisioned device (its own valid login) that subscribes wherever it likes and
+    records every message the broker delivers to it."""
+
+    def __init__(self, config: BrokerConfig, fleet: str, device_id: str) -> None:
+        self.fleet = fleet
+        self.device_id = device_id
+        self.received: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        self.client = make_client(device_id, config, clean_start=True)
+        self.client.on_message = self._on_message
+        connect_blocking(self.client, config)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.received.append((msg.topic, msg.payload))
+            self.cond.notify_all()
+
+    def subscribe(self, *filters: str) -> list[mqtt.ReasonCode]:
+        """Subscribe to ``filters`` and return the SUBACK's reason codes."""
+        acked = threading.Event()
+        codes: list[mqtt.ReasonCode] = []
+
+        def on_subscribe(client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
+                         props: object) -> None:
+            codes.extend(reasons)
+            acked.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe([(f, 1) for f in filters])
+        if not acked.wait(WAIT_S):
+            raise AssertionError(f"no SUBACK within {WAIT_S} s")
+        return codes
+
+    def request_index(self, package_id: str, block_size: int) -> None:
+        """A legitimate request of its own (any device may write `packages/+/get`), answered on
+        its own blocks topic."""
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = protocol.device_blocks(self.fleet, self.device_id)
+        props.CorrelationData = b"eve"
+        info = self.client.publish(protocol.package_get(self.fleet, package_id),
+                                   BlockRequest(index=True, block_size=block_size).to_json(), qos=1, properties=props)
+        info.wait_for_publish(WAIT_S)
+
+    def wait_for(self, topic: str) -> bytes:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(t == topic for t, _ in self.received), WAIT_S):
+                raise AssertionError(f"nothing on {topic} within {WAIT_S} s; got {self.topics()}")
+            return next(payload for t, payload in self.received if t == topic)
+
+    def topics(self) -> list[str]:
+        with self.cond:
+            return [t for t, _ in self.received]
+
+    def close(self) -> None:
+        disconnect(self.client)
+
+
+def test_device_login_cannot_sniff_block_requests_or_replies(secure_mosquitto_session, fleet: str,  # noqa: ANN001
+                                                            repository, device: Device,
+                                                            published: PublishedPackage) -> None:
+    """A second device, logged in with its own valid credentials, tries to watch the victim's
+    transfer: the requests (directly, and by joining the well-known share group) and the replies
+    (the victim's blocks topic, and every device's). The ACL lets a device write block requests but
+    never read them, and read only its own blocks topic. Mosquitto 2.0 grants the SUBSCRIBEs and
+    checks `read` on each message it would deliver, so the proof is that nothing arrives."""
+    root = protocol.fleet_root(fleet)
+    broker = secure_mosquitto_session
+    eve_id = new_id("eve")
+    eve = Eavesdropper(broker.config(*broker.provision(eve_id), **FAST), fleet, eve_id)
+    own_blocks = protocol.device_blocks(fleet, eve.device_id)
+    try:
+        eve.subscribe(f"{root}/packages/+/get",
+                      protocol.package_get_shared(fleet),  # the well-known group name, not the secret one
+                      protocol.device_blocks(fleet, device.device_id),
+                      protocol.devices_filter(fleet, "blocks"))  # every device's replies, its own included
+        fetcher = device.new_fetcher()
+        path = fetcher.fetch(device.spec(published))
+        # The subscriptions were live all along: after the victim's last reply, eve asks for the
+        # index herself and the answer reaches her through `devices/+/blocks`. Mosquitto delivers
+        # to one client in order, so anything of the victim's would have come before it.
+        eve.request_index(published.package_id, published.block_size)
+        own_reply = BlockResponse.decode(eve.wait_for(own_blocks))
+    finally:
+        eve.close()
+
+    assert sha256(path) == published.sha256
+    assert (own_reply.status, own_reply.block) == (BlockStatus.OK, INDEX_BLOCK)
+    # Nothing but her own reply: no request (not even her own), no block of the victim's.
+    assert eve.topics() == [own_blocks]
+    # Joining the well-known share group swallowed no request: the repository's group is secret.
+    assert fetcher.stats.requests_reissued == 0
+
+
+# -- forged replies --------------------------------------------------------------------------------
+Answer = Callable[[BlockRequest, bytes], list[bytes]]
 
 
 class RequestTap:
-    """A client that reads every block request (as anyone allowed to subscribe to `packages/+/get`
-    could) and answers each itself, through ``answer(request, correlation) -> [payload, ...]``,
-    before the repository does."""
+    """A client that reads every block request of ``fleet`` and answers each itself, through
+    ``answer(request, correlation) -> [payload, ...]``, before the repository does. Only the
+    fleet-service login may read `packages/+/get` and write to a device's blocks topic, so
+    ``config`` is that login: a leaked fleet-service credential, or a broker without the policy."""
 
-    def __init__(self, url: str, client_id: str, answer) -> None:  # noqa: ANN001
-        self.config = fast(url)
+    def __init__(self, config: BrokerConfig, fleet: str, client_id: str, answer: Answer) -> None:
         self.answer = answer
         self.seen = 0
         self.lock = threading.Lock()
-        self.client = make_client(client_id, self.config, clean_start=True)
+        self.client = make_client(client_id, config, clean_start=True)
         self.client.on_message = self._on_message
-        connect_blocking(self.client, self.config)
+        connect_blocking(self.client, config)
         subscribed = threading.Event()
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.subscribe(f"{protocol.fleet_root(FLEET)}/packages/+/get", qos=1)
-        assert subscribed.wait(5)
+        granted: list[mqtt.ReasonCode] = []
+
+        def on_subscribe(client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
+                         props: object) -> None:
+            granted.extend(reasons)
+            subscribed.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(f"{protocol.fleet_root(fleet)}/packages/+/get", qos=1)
+        if not subscribed.wait(WAIT_S) or any(code.is_failure for code in granted):
+            raise AssertionError(f"{client_id}: subscription to block requests not granted: {granted}")
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         reply_to = msg.properties.ResponseTopic
@@ -64,20 +185,12 @@ class RequestTap:
         disconnect(self.client)
 
 
-@pytest.fixture
-def repository(mosquitto, published: PublishedPackage) -> Iterator[RepositoryServer]:  # noqa: ANN001
-    with RepositoryServer(fast(mosquitto.url), FLEET, published.path.parent) as server:
-        yield server
-
-
-def downloads_of(device: Device, package_id: str) -> list[str]:
-    downloads = device.data_dir / "downloads"
-    return sorted(p.name for p in downloads.iterdir() if package_id in p.name) if downloads.exists() else []
-
-
-# -- forged replies --------------------------------------------------------------------------------
-def test_error_reply_injected_by_sniffer_is_retried_not_fatal(mosquitto, repository, device: Device,  # noqa: ANN001
+def test_error_reply_injected_by_sniffer_is_retried_not_fatal(secure_mosquitto_session, fleet: str,  # noqa: ANN001
+                                                              repository, device: Device,
                                                               published: PublishedPackage) -> None:
+    """A client reading the block requests forges replies to each before the repository answers.
+    It needs the fleet-service login (a leaked credential, or a broker without the policy): a
+    device login sees no request (test_device_login_cannot_sniff_block_requests_or_replies)."""
     # Every request draws forged answers first, three copies each (to try to use up the retries at
     # once), rotating through every kind of bad reply a sniffer can send.
     kinds = itertools.cycle(["bad_request", "not_found", "garbage", "corrupt", "out_of_range"])
@@ -92,10 +205,10 @@ def test_error_reply_injected_by_sniffer_is_retried_not_fatal(mosquitto, reposit
                   "out_of_range": BlockResponse(BlockStatus.OUT_OF_RANGE, block).encode()}[kind]
         return [forged] * 3
 
-    sniffer = RequestTap(mosquitto.url, "sniffer", forge)
+    sniffer = RequestTap(fleet_service(secure_mosquitto_session), fleet, new_id("sniffer"), forge)
     try:
         fetcher = device.new_fetcher(window=4, max_retries=2, retry_base_s=0.2, retry_max_s=1.0)
-        path = fetcher.fetch(spec(published))
+        path = fetcher.fetch(device.spec(published))
     finally:
         sniffer.close()
 
@@ -108,7 +221,7 @@ def test_error_reply_injected_by_sniffer_is_retried_not_fatal(mosquitto, reposit
 
 def test_package_missing_from_repository_fails_after_bounded_backoff(repository, device: Device,  # noqa: ANN001
                                                                      published: PublishedPackage) -> None:
-    missing = dataclasses.replace(spec(published), package_id="e" * 64)  # never published
+    missing = dataclasses.replace(device.spec(published), package_id="e" * 64)  # never published
     fetcher = device.new_fetcher(max_retries=2, **QUICK)
     started = time.monotonic()
     with pytest.raises(TransferError, match=r"the repository has no such package \(NOT_FOUND 3 times\)"):
@@ -119,15 +232,18 @@ def test_package_missing_from_repository_fails_after_bounded_backoff(repository,
 
 # -- slow, stalled and returning repositories --------------------------------------------------------
 class TricklingRepository:
-    """Serves the real bytes, but one block every ``interval_s`` (the index at once)."""
+    """Serves the real bytes to ``device``, but one block every ``interval_s`` (the index at once).
+    Not a RepositoryServer: it logs in as the fleet service and reads the requests directly."""
 
-    def __init__(self, url: str, published: PublishedPackage, interval_s: float) -> None:
+    def __init__(self, broker, device: Device, published: PublishedPackage,  # noqa: ANN001
+                 interval_s: float) -> None:
         self.data = published.path.read_bytes()
         self.index = b"".join(protocol.block_digests(published.path, published.block_size))
+        self.reply_topic = protocol.device_blocks(device.fleet, device.device_id)
         self.interval_s = interval_s
         self.sent = 0
         self.pending: queue.Queue[tuple[bytes, int]] = queue.Queue()
-        self.tap = RequestTap(url, "trickle-repo", self._answer)
+        self.tap = RequestTap(fleet_service(broker), device.fleet, new_id("trickle-repo"), self._answer)
         self.thread = threading.Thread(target=self._drip, daemon=True)
         self.stop = threading.Event()
         self.thread.start()
@@ -148,8 +264,8 @@ class TricklingRepository:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
             data = self.data[block * BLOCK:(block + 1) * BLOCK]
-            self.tap.client.publish(protocol.device_blocks(FLEET, "pi-7"),
-                                    BlockResponse(BlockStatus.OK, block, data).encode(), qos=1, properties=props)
+            self.tap.client.publish(self.reply_topic, BlockResponse(BlockStatus.OK, block, data).encode(),
+                                    qos=1, properties=props)
             self.sent += 1
 
     def close(self) -> None:
@@ -158,16 +274,16 @@ class TricklingRepository:
         self.tap.close()
 
 
-def test_trickling_repository_is_abandoned_by_min_rate(mosquitto, device: Device,  # noqa: ANN001
+def test_trickling_repository_is_abandoned_by_min_rate(secure_mosquitto_session, device: Device,  # noqa: ANN001
                                                        published: PublishedPackage) -> None:
-    trickle = TricklingRepository(mosquitto.url, published, interval_s=0.8)  # 80 KiB/s
+    trickle = TricklingRepository(secure_mosquitto_session, device, published, interval_s=0.8)  # 80 KiB/s
     try:
         # stall_timeout_s far above the interval: only the rate rule can stop this fetch.
         fetcher = device.new_fetcher(stall_timeout_s=30, request_timeout_s=30, min_rate_bps=4 * BLOCK,
                                      rate_window_s=2, grace_s=2.5, checkpoint_every=1)
         started = time.monotonic()
         with pytest.raises(TransferStalledError, match=r"too slow: \d+ B/s over the last 2 s, below the minimum"):
-            fetcher.fetch(spec(published))
+            fetcher.fetch(device.spec(published))
         elapsed = time.monotonic() - started
     finally:
         trickle.close()
@@ -179,21 +295,21 @@ def test_trickling_repository_is_abandoned_by_min_rate(mosquitto, device: Device
     assert (downloads / f"{published.package_id}.blocks").exists()
 
 
-def test_slow_transfer_is_abandoned_at_its_deadline(mosquitto, device: Device,  # noqa: ANN001
+def test_slow_transfer_is_abandoned_at_its_deadline(secure_mosquitto_session, device: Device,  # noqa: ANN001
                                                     published: PublishedPackage) -> None:
-    trickle = TricklingRepository(mosquitto.url, published, interval_s=0.3)
+    trickle = TricklingRepository(secure_mosquitto_session, device, published, interval_s=0.3)
     try:
         fetcher = device.new_fetcher(stall_timeout_s=30, request_timeout_s=30, min_rate_bps=0, deadline_s=1.5)
         with pytest.raises(TransferStalledError, match=r"not done within the deadline of 1\.5 s"):
-            fetcher.fetch(spec(published))
+            fetcher.fetch(device.spec(published))
     finally:
         trickle.close()
     assert 0 < fetcher.stats.elapsed_s < 3
 
 
-def test_stalled_transfer_resumes_when_repository_returns(mosquitto, device: Device,  # noqa: ANN001
-                                                          published: PublishedPackage) -> None:
-    server = RepositoryServer(fast(mosquitto.url), FLEET, published.path.parent)
+def test_stalled_transfer_resumes_when_repository_returns(secure_mosquitto_session, fleet: str,  # noqa: ANN001
+                                                          device: Device, published: PublishedPackage) -> None:
+    server = repository_server(secure_mosquitto_session, fleet, published.path.parent)
     server.start()
     stopper: list[threading.Thread] = []
 
@@ -204,14 +320,14 @@ def test_stalled_transfer_resumes_when_repository_returns(mosquitto, device: Dev
 
     first = device.new_fetcher(window=4, stall_timeout_s=1.5, request_timeout_s=0.5, min_rate_bps=0)
     with pytest.raises(TransferStalledError, match=r"stalled: no block for 1\.5 s \(\d+/\d+ blocks\)"):
-        first.fetch(spec(published), stop_repository_at_block_10)
+        first.fetch(device.spec(published), stop_repository_at_block_10)
     stopper[0].join(10)
     kept = first.stats.blocks_fetched
     assert 10 <= kept < first.stats.blocks_total
 
-    with RepositoryServer(fast(mosquitto.url), FLEET, published.path.parent) as again:
+    with repository_server(secure_mosquitto_session, fleet, published.path.parent) as again:
         second = device.new_fetcher()
-        path = second.fetch(spec(published))
+        path = second.fetch(device.spec(published))
     assert sha256(path) == published.sha256
     assert second.stats.resumed_from == kept  # every block the first fetch verified was kept ...
     assert second.stats.blocks_fetched == second.stats.blocks_total - kept  # ... and not fetched again
@@ -231,7 +347,7 @@ def forge_other_id(published: PublishedPackage) -> str:
 @pytest.mark.parametrize("case", ["sha256-mismatch", "over-the-size-cap", "smaller-than-the-repository-copy"])
 def test_refused_download_files_are_deleted(repository, device: Device, published: PublishedPackage,  # noqa: ANN001
                                             case: str) -> None:
-    statement = spec(published)
+    statement = device.spec(published)
     limits: dict[str, float] = dict(QUICK)
     if case == "sha256-mismatch":  # a statement naming id X with the blocks of another package
         statement = dataclasses.replace(statement, package_id=forge_other_id(published))
@@ -257,7 +373,7 @@ def test_refused_download_files_are_deleted(repository, device: Device, publishe
 def test_prune_deletes_abandoned_downloads(repository, device: Device, published: PublishedPackage) -> None:  # noqa: ANN001
     fetcher = device.new_fetcher(checkpoint_every=2)
     with pytest.raises(TransferError, match="cancelled"):  # an abandoned partial download
-        fetcher.fetch(spec(published), lambda p: p.blocks_done == 4 and fetcher.cancel())
+        fetcher.fetch(device.spec(published), lambda p: p.blocks_done == 4 and fetcher.cancel())
     downloads = device.data_dir / "downloads"
     wanted, crashed = "a" * 64, "b" * 64
     (downloads / f"{wanted}.edgepkg").write_bytes(b"a finished package still deployed")
@@ -283,7 +399,7 @@ def test_prune_never_deletes_the_download_in_progress(repository, device: Device
             with pytest.raises(TransferError, match="being fetched"):
                 fetcher.discard(published.package_id)
 
-    path = fetcher.fetch(spec(published), prune_midway)
+    path = fetcher.fetch(device.spec(published), prune_midway)
     assert pruned == [0] and sha256(path) == published.sha256
 
 
@@ -291,4 +407,4 @@ def test_transfer_limits_are_checked_when_built() -> None:
     with pytest.raises(ConfigError, match="deadline_s"):
         TransferLimits(deadline_s=0)
     with pytest.raises(ConfigError, match="no_such_limit"):
-        PackageFetcher(None, FLEET, "pi-7", "/tmp", no_such_limit=1)  # type: ignore[arg-type]
+        PackageFetcher(None, "lab", "pi-7", "/tmp", no_such_limit=1)  # type: ignore[arg-type]
