@@ -678,13 +678,6 @@ class Rig:
         assert self.col.of_kind(InstallEventKind.ACTIVATED) == []
 
 
-@pytest.fixture
-def rig(mosquitto: MosquittoBroker, packages: PackageSet, refs: ReferenceModels, tmp_path: Path) -> Iterator[Rig]:
-    device = new_device_id("fault")
-    with Collector(mosquitto.url, device) as col:
-        yield Rig(mosquitto, packages, refs, tmp_path, device, seeded_data_dir(packages, tmp_path / "data"), col)
-
-
 def _edge_client(url: str, timeout_s: float):  # noqa: ANN202
     from agent.client import EdgeClient
 

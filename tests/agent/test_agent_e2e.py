@@ -9,7 +9,6 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
 
 from agent.client import EdgeClient
 from edgesdk.protocol import DeviceState, InstallEventKind as K

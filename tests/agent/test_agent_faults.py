@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 from agent.client import EdgeClient
 from agent.store import VersionStore
 from agent.daemon import broker_config_of
-from edgesdk.protocol import InstallEvent, InstallEventKind as K
+from edgesdk.protocol import InstallEventKind as K
 from edgesdk.runtime import open_session
 from tests.agent.agent_harness import (
     AgentProcess, Rig, deploy, publish_desired, repository, running_agent, sample_feeds, subprocess_env, wait_until,

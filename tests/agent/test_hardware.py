@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.hardware import HardwareInfo, check_target, detect_target, doctor_report, probe_hardware
+from agent.hardware import HardwareInfo, check_target, choose_target, detect_target, doctor_report, probe_hardware
 from edgesdk.profiles import load_builtin
 
 PI5_CORE = """processor\t: {n}
@@ -171,3 +171,135 @@ def test_probe_falls_back_to_its_own_provider_probe_without_edgesdk_runtime(
     hw = probe_hardware(**files, machine="x86_64")
 
     assert "CPUExecutionProvider" in hw.providers.get("onnxruntime", [])
+
+
+# -- ARM boards by capability (issue 11): cpuinfo and device-tree text fed in directly --------------
+ARM_FEATURES_V82 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+                    "asimddp")
+GRAVITON3_FEATURES = (ARM_FEATURES_V82 + " jscvt fcma sha3 sm3 sm4 sha512 sve asimdfhm dit uscat ilrcpc flagm "
+                      "ssbs paca pacg dcpodp svei8mm svebf16 i8mm bf16 dgh rng")
+A53_FEATURES = "fp asimd evtstrm crc32 cpuid"
+
+
+def arm_cpuinfo(cores: list[tuple[str, str]]) -> str:
+    """/proc/cpuinfo of an aarch64 machine: one (CPU part, Features) per core."""
+    return "".join(f"processor\t: {n}\nBogoMIPS\t: 48.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
+                   f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n\n"
+                   for n, (part, features) in enumerate(cores))
+
+
+ORANGE_PI_5 = arm_cpuinfo([("0xd05", ARM_FEATURES_V82)] * 4 + [("0xd0b", ARM_FEATURES_V82)] * 4)  # RK3588
+GRAVITON3 = arm_cpuinfo([("0xd40", GRAVITON3_FEATURES)] * 4)
+PI5 = arm_cpuinfo([("0xd0b", ARM_FEATURES_V82)] * 4)
+ORIN = arm_cpuinfo([("0xd42", ARM_FEATURES_V82)] * 6)
+PI3 = arm_cpuinfo([("0xd03", A53_FEATURES)] * 4)
+ORT_CPU = {"onnxruntime": ["CPUExecutionProvider"]}
+
+
+def arm_device(cpuinfo: str, model: str, providers: dict | None = None) -> HardwareInfo:
+    return probe_hardware(machine="aarch64", cpuinfo_text=cpuinfo, device_tree_text=model,
+                          providers_fn=lambda: dict(ORT_CPU if providers is None else providers),
+                          versions_fn=lambda: {"onnxruntime": "1.20.1"})
+
+
+@pytest.mark.parametrize("cpuinfo, model, target, reason", [
+    (ORANGE_PI_5, "Orange Pi 5\x00", "arm64-cpu",
+     'arm64-cpu: aarch64, no board profile matched /proc/device-tree/model "Orange Pi 5", generic CPU profile; '
+     "CPU Cortex-A55 + Cortex-A76 x8, features asimddp fp16 neon"),
+    (GRAVITON3, "", "arm64-cpu",
+     "arm64-cpu: aarch64, no /proc/device-tree/model (not a device-tree board), generic CPU profile; "
+     "CPU Neoverse-V1 x4, features asimddp fp16 i8mm neon sve"),
+    (PI5, "Raspberry Pi 5 Model B Rev 1.0\x00", "raspberry-pi-5",
+     'raspberry-pi-5: /proc/device-tree/model "Raspberry Pi 5 Model B Rev 1.0" matches board_match '
+     '"Raspberry Pi 5"; CPU Cortex-A76 x4, features asimddp fp16 neon'),
+    (ORIN, "NVIDIA Jetson Orin Nano Developer Kit\x00", "jetson-orin-nano",
+     'jetson-orin-nano: /proc/device-tree/model "NVIDIA Jetson Orin Nano Developer Kit" matches board_match '
+     '"Orin Nano"; CPU Cortex-A78AE x6, features asimddp fp16 neon'),
+])
+def test_target_choice_says_which_profile_and_why(cpuinfo: str, model: str, target: str, reason: str) -> None:
+    hw = arm_device(cpuinfo, model)
+
+    choice = choose_target(hw)
+
+    assert choice.name == target
+    assert choice.reason == reason
+    report = doctor_report(hw)
+    assert (report["target"], report["target_reason"]) == (target, reason)
+
+
+def test_unknown_arm_board_without_dot_product_still_gets_arm64_cpu_and_the_note_says_int8_gains_are_modest() -> None:
+    hw = arm_device(PI3, "Raspberry Pi 3 Model B Plus Rev 1.3\x00")
+
+    report = doctor_report(hw)
+
+    assert report["target"] == "arm64-cpu" and report["problems"] == []
+    assert hw.cpu_flags == ("neon",)
+    assert "no dot product (asimddp): INT8 gains are modest" in report["cpu_notes"]
+    assert "no fp16 arithmetic: fp16 variants run through casts and rarely win" in report["cpu_notes"]
+
+
+def test_graviton_notes_name_its_int8_fp16_and_sve_features() -> None:
+    notes = doctor_report(arm_device(GRAVITON3, ""))["cpu_notes"]
+
+    assert any(n.startswith("dot product (asimddp)") for n in notes)
+    assert any(n.startswith("fp16 arithmetic") for n in notes)
+    assert any(n.startswith("SVE") for n in notes) and any(n.startswith("i8mm") for n in notes)
+
+
+@pytest.mark.parametrize("features, has_fp16", [
+    ("fp asimd fphp asimdhp", True),
+    ("fp asimd fphp", False),  # scalar half precision only: ORT's fp16 kernels need the vector one
+    ("fp asimd asimdhp", False),
+])
+def test_arm_fp16_needs_both_scalar_and_vector_half_precision(features: str, has_fp16: bool) -> None:
+    hw = arm_device(arm_cpuinfo([("0xd0b", features)]), "")
+
+    assert ("fp16" in hw.cpu_flags) is has_fp16
+
+
+def test_arm_board_without_any_runtime_gets_arm64_cpu_and_the_pip_line_that_adds_one() -> None:
+    hw = arm_device(ORANGE_PI_5, "Orange Pi 5\x00", providers={})
+
+    report = doctor_report(hw)
+
+    assert report["target"] == "arm64-cpu"
+    [problem] = report["problems"]
+    assert problem.endswith('this device has none (pip install "edgesdk[agent,litert]" adds onnxruntime, litert)')
+
+
+def test_unknown_architecture_reason_names_what_the_profiles_cover(tmp_path: Path) -> None:
+    hw = probe_hardware(machine="riscv64", cpuinfo_text="processor\t: 0\nisa\t: rv64imafdc\n",
+                        device_tree_text="SiFive HiFive Unmatched A00\x00", providers_fn=lambda: dict(ORT_CPU))
+
+    choice = choose_target(hw)
+
+    assert choice.profile is None
+    assert choice.reason.startswith('no target profile matches this device: no board profile matched '
+                                    '/proc/device-tree/model "SiFive HiFive Unmatched A00", no profile is for '
+                                    "riscv64 (profiles cover aarch64, x86_64)")
+
+
+def test_doctor_with_a_raspberry_pi_package_names_each_runtime_the_pi_lacks() -> None:
+    from tests.edgesdk.test_runtime_extras import PI5 as PI5_PACKAGE
+
+    hw = arm_device(PI5, "Raspberry Pi 5 Model B Rev 1.0\x00")
+
+    report = doctor_report(hw, manifest=PI5_PACKAGE)
+
+    package = report["package"]
+    assert package["missing"] == ["openvino", "litert"]
+    assert package["install"] == 'pip install "edgesdk[agent,openvino,litert]"'
+    assert 'openvino is not installed here: pip install "edgesdk[agent,openvino]"' in report["problems"]
+    assert 'litert is not installed here: pip install "edgesdk[agent,litert]"' in report["problems"]
+    json.dumps(report)
+
+
+def test_doctor_with_an_x86_package_on_an_arm_board_says_the_architecture_differs() -> None:
+    from tests.edgesdk.test_runtime_extras import manifest
+
+    x86 = manifest(("onnx-fp32", "onnxruntime", ["CPUExecutionProvider"]))
+    x86.target = "x86-64-cpu"
+
+    report = doctor_report(arm_device(PI5, ""), manifest=x86)
+
+    assert report["package"]["problems"] == ["package target x86-64-cpu is x86_64; this device is aarch64"]

@@ -358,3 +358,42 @@ def test_cached_winner_whose_runtime_raises_its_own_error_is_reselected(install_
 
     assert not selection.from_cache
     assert (selection.chosen.variant, selection.chosen.provider) != ("onnx-fp16", CUDA)
+
+
+# -- a variant whose runtime is not installed is a row, not silence (issue 11) ---------------------
+def with_openvino_variant() -> Manifest:
+    manifest = make_manifest()
+    manifest.variants.insert(0, Variant(id="openvino-fp32", kind="openvino-fp32", format="openvino-ir",
+                                        precision="fp32", runtime="openvino", file="variants/ov.xml",
+                                        providers=["CPU"], health_tolerance=dict(TOLERANCE)))
+    return manifest
+
+
+def test_variant_whose_runtime_is_not_installed_is_a_row_with_the_pip_line(install_dir: Path) -> None:
+    behaviours = {("fp16", CUDA): Behaviour(latency=FAST), ("fp16", CPU): Behaviour(latency=SLOW),
+                  ("fp32", CPU): Behaviour(latency=MID)}
+
+    selection, factory = run_select(install_dir, behaviours, manifest=with_openvino_variant())
+
+    row = rows(selection)[("openvino-fp32", "CPU")]
+    assert row["status"] == "runtime_missing"
+    assert row["detail"] == 'openvino is not installed here: pip install "edgesdk[agent,openvino]"'
+    assert (row["runtime"], row["p50_ms"], row["health"]) == ("openvino", None, None)
+    assert ("ov", "CPU") not in factory.opened
+    assert (selection.chosen.variant, selection.chosen.provider) == ("onnx-fp16", CUDA)
+
+
+def test_cached_decision_still_reports_the_variant_whose_runtime_is_missing(install_dir: Path) -> None:
+    behaviours = {("fp16", CUDA): Behaviour(latency=FAST), ("fp16", CPU): Behaviour(latency=SLOW),
+                  ("fp32", CPU): Behaviour(latency=MID)}
+
+    selection, _ = run_select(install_dir, behaviours, manifest=with_openvino_variant(),
+                              cached=cached_record("onnx-fp32", CPU, KEY))
+
+    assert selection.from_cache
+    assert rows(selection)[("openvino-fp32", "CPU")]["status"] == "runtime_missing"
+
+
+def test_no_installed_runtime_for_any_variant_says_which_pip_line_adds_one(install_dir: Path) -> None:
+    with pytest.raises(HealthCheckError, match=r'onnxruntime is not installed here: pip install "edgesdk\[agent\]"'):
+        run_select(install_dir, {}, available={"openvino": ["CPU"]})
