@@ -53,8 +53,23 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Agent config YA
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
            config: Path = typer.Option(None, "--config", "-c", help="Also check this agent config and try its "
-                                       "broker connection (exit 1 when the broker cannot be reached).")) -> None:
-    """What this device has: arch, CPU features, RAM, board, runtimes and providers, matching target."""
+                                       "broker connection (exit 1 when the broker cannot be reached)."),
+           package: Path = typer.Option(None, "--package", "-p", help="Also say which runtimes this package "
+                                        "(.edgepkg, or an installed version folder / its manifest.json) needs "
+                                        "that this device lacks, with the pip line that adds them."),
+           strict: bool = typer.Option(False, "--strict", help="Exit 1 when the report lists any problem: no "
+                                       "target profile matches, or a runtime the --package needs is missing."),
+           cpuinfo: Path = typer.Option(None, "--cpuinfo", help="Read this file instead of /proc/cpuinfo (what "
+                                        "would a board get, from its captured cpuinfo?)."),
+           device_tree_model: Path = typer.Option(None, "--device-tree-model", help="Read this file instead of "
+                                                  "/proc/device-tree/model; an empty file is a board without one."),
+           machine: str = typer.Option(None, "--machine", help="CPU architecture instead of this machine's "
+                                       "(aarch64, x86_64), with --cpuinfo.")) -> None:
+    """What this device has: arch, CPU features, RAM, board, runtimes and providers, matching target and why.
+
+    Without --strict it exits 0 whatever it finds (except an unreachable --config broker); the
+    report says what is wrong.
+    """
     from agent.hardware import doctor_report, probe_hardware
 
     broker_problem = None
@@ -63,16 +78,23 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
             from agent.config import load_config
 
             broker_problem = check_broker(load_config(config))
-        report = doctor_report(probe_hardware())
+        manifest = read_manifest(package) if package is not None else None
+        probe: dict = {"machine": machine}
+        if cpuinfo is not None:
+            probe["cpuinfo"] = cpuinfo
+        if device_tree_model is not None:
+            probe["device_tree_model"] = device_tree_model
+        report = doctor_report(probe_hardware(**probe), manifest=manifest)
     except EdgeError as exc:
         _fail(exc)
     if config is not None:
         report["broker"] = {"ok": broker_problem is None, "problem": broker_problem}
         if broker_problem:
             report.setdefault("problems", []).append(broker_problem)
+    failed = bool(broker_problem) or (strict and bool(report.get("problems")))
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
-        raise typer.Exit(1 if broker_problem else 0)
+        raise typer.Exit(1 if failed else 0)
     hw = report.get("hardware", report)
     table = Table(title="edge-agent doctor", show_header=False)
     table.add_column("what", style="bold")
@@ -85,13 +107,47 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         providers = (hw.get("providers") or {}).get(runtime, [])
         table.add_row(runtime, f"{version} — {', '.join(providers) or 'no providers'}")
     table.add_row("target", str(report.get("target")))
+    table.add_row("why", escape(str(report.get("target_reason", ""))))
+    for note in report.get("cpu_notes", []):
+        table.add_row("cpu note", escape(note))
+    pkg = report.get("package")
+    if pkg:
+        table.add_row("package", escape(f"{pkg['name']} {pkg['version']} for {pkg['target']}"))
+        for need in pkg["runtimes"]:
+            state = "installed" if need["installed"] else "[red]missing[/]"
+            table.add_row(f"needs {need['runtime']}", f"{state} — {escape(', '.join(need['variants']))}")
+        if pkg.get("install"):
+            table.add_row("install", escape(pkg["install"]))
     if "broker" in report:
         table.add_row("broker", "reachable, login accepted" if report["broker"]["ok"] else "[red]unreachable[/]")
     for problem in report.get("problems", []):
         table.add_row("problem", f"[yellow]{escape(str(problem))}[/]")
     out.print(table)
-    if broker_problem:
+    if failed:
         raise typer.Exit(1)
+
+
+def read_manifest(path: Path):  # noqa: ANN201 - edgesdk.manifest.Manifest, imported lazily
+    """The manifest of an .edgepkg, of an installed version folder, or a manifest.json file.
+
+    Only the manifest is read (parsed by the hardened parser, signature not checked): doctor
+    reports what the package says it needs, and hashing a large package would be slow on a Pi.
+    """
+    from edgesdk.errors import map_os_errors
+    from edgesdk.manifest import MANIFEST_NAME, Manifest
+    from edgesdk.package import open_package
+
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if path.name == MANIFEST_NAME or path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found")
+        with map_os_errors(f"read {path}"):
+            return Manifest.from_bytes(path.read_bytes())
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found")
+    with open_package(path, require_signature=False) as opened:
+        return opened.manifest
 
 
 def check_broker(cfg) -> str | None:  # noqa: ANN001 - AgentConfig

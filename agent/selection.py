@@ -5,6 +5,10 @@ has: open a session (a silent ORT fallback to another provider counts as unavail
 time runs within the candidate's share of the budget, rank by median (ties by profile order),
 then health-check in that order on the package's reference I/O; the first that passes wins.
 
+A variant whose runtime is not installed here is no candidate, but it is a row of the table
+(status `runtime_missing`, with the pip line that adds the runtime), so a device never drops a
+variant silently. A provider missing from an installed runtime (no GPU here) is left out, as before.
+
 Every path the manifest names is resolved inside the version folder before it is opened (the
 manifest parser already refuses absolute and `..` paths; this is the second lock, and it also
 catches a symbolic link planted in the folder). Errors: a path out of the folder or unreadable
@@ -28,6 +32,7 @@ import numpy as np
 from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import EdgeError, HealthCheckError, PackageError, RuntimeUnavailableError, map_os_errors
 from edgesdk.manifest import Manifest
+from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
 from edgesdk.validation import health_check
 
 SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=...) -> Session
@@ -47,7 +52,8 @@ class Candidate:
 @dataclass
 class CandidateResult:
     candidate: Candidate
-    status: str = "pending"  # ok | unavailable | load_failed | health_failed | not_checked | selected
+    # ok | unavailable | load_failed | health_failed | not_checked | selected | runtime_missing
+    status: str = "pending"
     p50_ms: float | None = None
     p95_ms: float | None = None
     runs: int = 0
@@ -73,6 +79,20 @@ class Selection:
         return {"variant": self.chosen.variant, "runtime": self.chosen.runtime, "provider": self.chosen.provider,
                 "cache_key": self.cache_key, "from_cache": self.from_cache,
                 "table": [r.to_dict() for r in self.table]}
+
+
+def runtime_missing_rows(manifest: Manifest, available: dict[str, list[str]]) -> list[CandidateResult]:
+    """One table row per variant whose runtime is not installed here, naming the pip line that adds it."""
+    rows = []
+    for variant in manifest.variants:
+        if variant.runtime in available:
+            continue
+        detail = (missing_hint(variant.runtime) if variant.runtime in RUNTIME_EXTRAS
+                  else f"{variant.runtime} is not installed here (no edgesdk extra installs it)")
+        provider = variant.providers[0] if variant.providers else ""
+        rows.append(CandidateResult(Candidate(variant.id, variant.runtime, provider, variant.precision, variant.file),
+                                    "runtime_missing", detail=detail))
+    return rows
 
 
 def list_candidates(manifest: Manifest, available: dict[str, list[str]]) -> tuple[list[Candidate], list[dict]]:
@@ -164,9 +184,11 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
     for variant in manifest.variants:
         for relative in dict.fromkeys([variant.file, *variant.files]):
             path_inside(install_dir, relative, f"variant {variant.id} file")
+    absent = runtime_missing_rows(manifest, available)
     if not candidates:
+        hints = "".join(f"; {row.detail}" for row in {r.candidate.runtime: r for r in absent}.values())
         raise HealthCheckError(f"no variant of {manifest.name} {manifest.version} can run here: the package needs "
-                               + ", ".join(sorted({f"{m['runtime']}:{m['provider']}" for m in missing})))
+                               + ", ".join(sorted({f"{m['runtime']}:{m['provider']}" for m in missing})) + hints)
     ref_in, ref_out = load_reference(install_dir, manifest)
     if cached and cached.get("cache_key") == key:
         hit = next((c for c in candidates if (c.variant, c.runtime, c.provider)
@@ -179,7 +201,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
                 if ok:
                     table = [CandidateResult(hit, "selected", detail="cached decision")]
                     table += [CandidateResult(c, "not_checked", detail="cached decision") for c in candidates if c != hit]
-                    return Selection(hit, session, table, key, from_cache=True)
+                    return Selection(hit, session, table + absent, key, from_cache=True)
                 session.close()
             except PackageError:
                 raise  # the package itself is hostile or broken: no fresh selection can help
@@ -234,9 +256,9 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
             session.close()
     if chosen is None:
         summary = "; ".join(f"{r.candidate.variant}@{r.candidate.provider}: {r.status} {r.detail}".strip()
-                            for r in results)
+                            for r in results + absent)
         raise HealthCheckError(f"no candidate passed the health check ({summary})")
-    return Selection(chosen, sessions[chosen], results, key)
+    return Selection(chosen, sessions[chosen], results + absent, key)
 
 
 def selection_record(selection: Selection) -> dict:

@@ -91,6 +91,10 @@ class Manifest:
     created: str = ""
     edgesdk_version: str = ""
     architecture: str = ""  # the target's CPU architecture, so a device can refuse a user profile's package
+    # Runtime → ids of the variants that need it, written by the packager so a device (or a person
+    # reading manifest.json) sees which runtimes to install. Empty (manifests written before it
+    # existed): `required_runtimes()` derives it from the variants.
+    requires: dict[str, list[str]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- serialisation -------------------------------------------------------------------------
@@ -170,8 +174,13 @@ class Manifest:
             reference=dict(reference),
             created=_opt(data, "created", str, ""), edgesdk_version=_opt(data, "edgesdk_version", str, ""),
             architecture=_opt(data, "architecture", str, ""),
+            requires=_requires(data, variants),
             schema_version=version,
         )
+
+    def required_runtimes(self) -> dict[str, list[str]]:
+        """Runtime → ids of its variants, in variant order: the `requires` field, or derived when absent."""
+        return {r: list(ids) for r, ids in self.requires.items()} if self.requires else runtimes_of(self.variants)
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -356,6 +365,49 @@ def _variant(v: Any, i: int) -> Variant:
         remedies=_records(v, "remedies", p), host_latency_ms=host_latency,
         health_tolerance={k: float(x) for k, x in tolerance.items()}, size=_size(v, "size", p),
     )
+
+
+def runtimes_of(variants: list[Variant]) -> dict[str, list[str]]:
+    """Runtime → ids of the variants it runs, in variant order (what the packager writes as `requires`)."""
+    found: dict[str, list[str]] = {}
+    for v in variants:
+        found.setdefault(v.runtime, []).append(v.id)
+    return found
+
+
+def _requires(data: dict, variants: list[Variant]) -> dict[str, list[str]]:
+    """`requires` must agree with the variants: every variant under its own runtime, once, no other ids.
+
+    A manifest whose `requires` hides a runtime would have a device install too little; one naming a
+    variant that does not exist is not what the packager wrote.
+    """
+    raw = _opt(data, "requires", dict, {})
+    if not raw:
+        return {}
+    runtime_of = {v.id: v.runtime for v in variants}
+    seen: set[str] = set()
+    requires = {}
+    for runtime, ids in raw.items():
+        where = f"requires.{runtime}"
+        ids = _expect(ids, list, where)
+        if not ids:
+            raise PackageError(f"{MANIFEST_NAME}: {where}: names no variant")
+        for j, vid in enumerate(ids):
+            _expect(vid, str, f"{where}[{j}]")
+            if vid not in runtime_of:
+                raise PackageError(f"{MANIFEST_NAME}: {where}[{j}]: no variant {_short(vid)}")
+            if runtime_of[vid] != runtime:
+                raise PackageError(f"{MANIFEST_NAME}: {where}[{j}]: variant {_short(vid)} runs on "
+                                   f"{runtime_of[vid]}, not {runtime}")
+            if vid in seen:
+                raise PackageError(f"{MANIFEST_NAME}: {where}[{j}]: variant {_short(vid)} is listed twice")
+            seen.add(vid)
+        requires[runtime] = list(ids)
+    left_out = [v.id for v in variants if v.id not in seen]
+    if left_out:
+        raise PackageError(f"{MANIFEST_NAME}: requires: leaves out variant {_short(left_out[0])} "
+                           f"({runtime_of[left_out[0]]})")
+    return requires
 
 
 def _specs(data: dict, key: str) -> list[TensorSpec]:

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TARGETS = {"raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin",
-                    "intel-core-ultra-npu", "x86-64-cpu"}
+                    "intel-core-ultra-npu", "x86-64-cpu", "arm64-cpu"}
 # Build outputs, caches and the test suite are not part of the distribution.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", "build", "dist",
                                     ".pytest_cache", "out", "tests", "*.edgepkg")
@@ -54,8 +54,12 @@ def test_non_editable_install_finds_every_target_profile(tmp_path: Path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next((zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")), "")
+        metadata = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert {f"edgesdk/targets/{p}.yaml" for p in profiles} <= names
     assert "edgesdk = edgesdk.cli.main:main" in entry_points
+    # Every device extra the runtime table names (edgesdk/runtime_extras.py) is in the wheel.
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
+    assert {"agent", "openvino", "litert", "jetson"} <= extras
 
     site = tmp_path / "site"
     result = _pip("install", "--no-deps", "--no-index", "--target", str(site), str(wheel), cwd=tmp_path)
@@ -73,4 +77,4 @@ def test_non_editable_install_finds_every_target_profile(tmp_path: Path):
     found = json.loads(result.stdout)
     assert Path(found["file"]).is_relative_to(site), f"imported {found['file']}, not the installed copy"
     assert found["names"] == profiles
-    assert len(found["names"]) == 6
+    assert len(found["names"]) == 7  # arm64-cpu (issue 11) is the seventh

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from edgesdk.cli.common import console, handle_errors, out, print_json
 from edgesdk.errors import SignatureError
 from edgesdk.manifest import Manifest
 from edgesdk.package import OpenedPackage, check_files, open_package, verify_package
+from edgesdk.runtime_extras import installed_runtimes, missing_install, package_install, runtime_needs
 from edgesdk.signing import load_public_key
 
 
@@ -38,13 +40,19 @@ def _variant_rows(manifest: Manifest) -> list[dict]:
 
 
 def inspect_json(manifest: Manifest, signer: str | None) -> dict:
+    needs = runtime_needs(manifest, installed_runtimes())
     return {"name": manifest.name, "version": manifest.version, "target": manifest.target,
             "schema_version": manifest.schema_version, "signed_by": signer,
             "source": manifest.source, "calibration": manifest.calibration,
             "inputs": [s.__dict__ | {"shape": list(s.shape)} for s in manifest.inputs],
             "outputs": [s.__dict__ | {"shape": list(s.shape)} for s in manifest.outputs],
             "variants": _variant_rows(manifest), "dropped": manifest.dropped, "skipped": manifest.skipped,
-            "host": manifest.host}
+            "host": manifest.host,
+            # Runtimes the variants need (manifest `requires`), each installed here or not; the pip
+            # line a device needs for all of them, and the one that adds what this machine lacks.
+            "requires": [n.to_dict() for n in needs], "device_install": package_install(manifest),
+            "missing_runtimes": [n.runtime for n in needs if not n.installed],
+            "install_missing": missing_install(needs)}
 
 
 def print_variants_table(manifest: Manifest) -> None:
@@ -66,6 +74,8 @@ def print_variants_table(manifest: Manifest) -> None:
         out.print(f"[yellow]dropped[/] {d.get('id')}: {d.get('reason')}")
     for s in manifest.skipped:
         out.print(f"[dim]skipped {s.get('kind')}: {s.get('reason')}[/]")
+    runtimes = "; ".join(f"{r}: {', '.join(ids)}" for r, ids in manifest.required_runtimes().items())
+    out.print(f"runtimes ({escape(runtimes)}) — on the device: {escape(package_install(manifest))}")
     if manifest.calibration.get("synthetic"):
         out.print("[bold yellow]metrics were measured on SYNTHETIC inputs: they say little about real accuracy[/]")
 
@@ -80,6 +90,17 @@ def inspect(package: Path = typer.Argument(..., help="The .edgepkg file."),
     handle_errors(_inspect)(package, public_key, as_json)
 
 
+def print_missing_here(manifest: Manifest) -> None:
+    """Which of the package's runtimes this machine lacks, each with the pip line that adds it."""
+    needs = runtime_needs(manifest, installed_runtimes())
+    for need in needs:
+        if not need.installed:
+            out.print(f"[yellow]missing here[/] {need.runtime} ({', '.join(need.variants)}): {escape(need.install)}")
+    install = missing_install(needs)
+    if install and sum(not n.installed for n in needs) > 1:
+        out.print(f"to add them all: {escape(install)}")
+
+
 def _inspect(package: Path, public_keys: list[Path], as_json: bool) -> None:
     keys = [load_public_key(p) for p in public_keys]
     opened = verify_package(package, keys) if keys else _verify_unsigned_ok(package)
@@ -87,6 +108,7 @@ def _inspect(package: Path, public_keys: list[Path], as_json: bool) -> None:
         print_json(inspect_json(opened.manifest, opened.signer))
         return
     print_variants_table(opened.manifest)
+    print_missing_here(opened.manifest)
     if not keys:
         out.print("[dim]signature present, not checked (pass --public-key to check it)[/]")
     else:

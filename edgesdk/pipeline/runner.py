@@ -21,7 +21,7 @@ from edgesdk import __version__
 from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import (ConfigError, GateFailedError, ModelError, PackagingError, RuntimeUnavailableError,
                             UnsupportedModelError)
-from edgesdk.manifest import Manifest, TensorSpec, Variant
+from edgesdk.manifest import Manifest, TensorSpec, Variant, runtimes_of
 from edgesdk.package import package_filename, write_package
 from edgesdk.pipeline import calibration, evaluation
 from edgesdk.pipeline.model_io import (LoadedModel, load_model, model_inputs, ops_unsupported,
@@ -343,6 +343,7 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
                          "task_metric": getattr(pipe, "evaluator_name", None) if pipe.evaluator else None},
             host=_host_info(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             edgesdk_version=__version__, architecture=req.target.architecture,
+            requires=runtimes_of(variants),  # the runtimes a device installs for it (docs/package-format.md)
         )
         reporter.begin("sign and write")
         out_path = Path(req.out_dir) / package_filename(name, req.version, req.target.name)

@@ -151,7 +151,7 @@ def test_targets_list_json_has_every_builtin_profile():
 
     assert result.exit_code == 0, result.output
     targets = json.loads(result.stdout)
-    assert len(targets) == 6
+    assert len(targets) == 7  # DESIGN.md §2's six, and arm64-cpu (issue 11)
     assert [t["name"] for t in targets] == builtin_profile_names()
     for t in targets:
         assert t["architecture"] in ("x86_64", "aarch64")
@@ -164,6 +164,16 @@ def test_targets_list_shows_every_builtin_name_in_full():
     assert result.exit_code == 0, result.output
     for name in builtin_profile_names():
         assert name in result.stdout
+
+
+def test_targets_list_shows_the_generic_arm64_cpu_profile():
+    result = runner.invoke(app, ["targets", "list", "--json"])
+
+    assert result.exit_code == 0, result.output
+    arm = {t["name"]: t for t in json.loads(result.stdout)}["arm64-cpu"]
+    assert arm["architecture"] == "aarch64"
+    assert arm["providers"] == ["onnxruntime:CPUExecutionProvider", "litert:XNNPACK"]
+    assert arm["variants"] == ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-fp16", "tflite"]
 
 
 def test_targets_show_builtin_profile():

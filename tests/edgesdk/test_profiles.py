@@ -19,9 +19,9 @@ from edgesdk.profiles import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-# DESIGN.md §2: the profiles every build must ship.
+# DESIGN.md §2: the profiles every build must ship, and the generic aarch64 one (issue 11).
 REQUIRED_TARGETS = {"raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin",
-                    "intel-core-ultra-npu", "x86-64-cpu"}
+                    "intel-core-ultra-npu", "x86-64-cpu", "arm64-cpu"}
 
 # A small valid user profile; each bad case below changes one thing in it.
 VALID: dict[str, Any] = {
@@ -101,6 +101,24 @@ def test_jetson_int8_is_symmetric_for_tensorrt(name: str):
     assert options["weight_symmetric"] is True
 
 
+def test_arm64_cpu_is_the_one_aarch64_profile_without_a_board_match():
+    # The agent falls back to it on any aarch64 board no profile names (Orange Pi, Graviton, ...).
+    generic = [p.name for p in all_builtin_profiles() if p.architecture == "aarch64" and not p.board_match]
+
+    assert generic == ["arm64-cpu"]
+
+
+def test_arm64_cpu_builds_cpu_variants_the_agent_extra_and_litert_run():
+    profile = load_builtin("arm64-cpu")
+
+    assert [v.kind for v in profile.variants] == ["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "onnx-fp16", "tflite"]
+    assert {p.runtime for p in profile.providers} == {"onnxruntime", "litert"}  # no OpenVINO extra needed
+    assert profile.providers[0].provider == "CPUExecutionProvider"  # generic: detection needs no accelerator
+    int8 = {v.kind: v.options for v in profile.variants}["onnx-int8"]
+    assert (int8["activation_symmetric"], int8["weight_symmetric"]) == (False, True)  # u8/s8: optimum's arm64
+    assert {v.kind: v.options for v in profile.variants}["onnx-fp16"] == {"keep_io_types": True}
+
+
 @pytest.mark.parametrize("target, runtime, precision, expected", [
     ("jetson-orin-nano", "onnxruntime", "int8", ["TensorrtExecutionProvider", "CPUExecutionProvider"]),
     ("jetson-orin-nano", "onnxruntime", "fp16", ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
@@ -111,6 +129,8 @@ def test_jetson_int8_is_symmetric_for_tensorrt(name: str):
     ("raspberry-pi-5", "openvino", "int8", ["CPU"]),
     ("raspberry-pi-5", "litert", "native", ["XNNPACK"]),
     ("x86-64-cpu", "litert", "native", []),
+    ("arm64-cpu", "onnxruntime", "fp16", ["CPUExecutionProvider"]),
+    ("arm64-cpu", "litert", "native", ["XNNPACK"]),
 ])
 def test_providers_for_keeps_the_profile_preference_order(target, runtime, precision, expected):
     providers = load_builtin(target).providers_for(runtime, precision)
