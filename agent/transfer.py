@@ -68,9 +68,8 @@ class MqttClient(Protocol):
 
 
 class TransferSpec(Protocol):
-    """What the fetcher needs to know about a package: the fields of the (signed) deployment
-    statement. `DesiredDeployment` has them; so does the signed `DeploymentStatement` (where
-    ``sha256`` is the package id). ``size`` is the most the fetcher will ever accept."""
+    """What the fetcher needs to know about a package: fields of the signed `DeploymentStatement`
+    (where ``sha256`` is the package id). ``size`` is the most the fetcher will ever accept."""
 
     @property
     def package_id(self) -> str: ...

@@ -23,7 +23,7 @@ def device_state(fleet: str, device_id: str) -> str:
 
 
 def device_desired(fleet: str, device_id: str) -> str:
-    """Retained, QoS 1; DesiredDeployment, written only by the fleet service."""
+    """Retained, QoS 1; the signed deployment statement, written only by the fleet service and operators."""
     return _device(fleet, device_id, "desired")
 
 
