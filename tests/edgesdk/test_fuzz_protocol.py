@@ -32,9 +32,10 @@ NOW = 1_900_000_000.0
 
 
 def _keys():
-    folder = Path(tempfile.mkdtemp(prefix="edgesdk-fuzz-keys-"))
-    made = [generate_keys(folder / name) for name in ("fleet", "root", "release")]
-    return [(load_private_key(m.private_path), load_public_key(m.public_path)) for m in made]
+    """Three key pairs, made once at import (module-level constants below); no files are kept."""
+    with tempfile.TemporaryDirectory(prefix="edgesdk-fuzz-keys-") as name:
+        made = [generate_keys(Path(name) / role) for role in ("fleet", "root", "release")]
+        return [(load_private_key(m.private_path), load_public_key(m.public_path)) for m in made]
 
 
 (FLEET_PRIVATE, FLEET_PUBLIC), (ROOT_PRIVATE, _), (_, RELEASE_PUBLIC) = _keys()
