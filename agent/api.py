@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.http_server import Disconnected, Exchange, HttpError, HttpServer
+from agent.http_request import Disconnected, Exchange, HttpError
+from agent.http_server import HttpServer
 from agent.model_host import InvalidInputError, ModelHost, NoModelError
 from edgesdk.errors import ConfigError, EdgeError
 

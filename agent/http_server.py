@@ -1,8 +1,10 @@
 """The HTTP/1.1 server under the local API (`agent.api`): connections, framing and their limits.
 
 It parses requests and frames answers (Content-Length bodies only, keep-alive, ``Expect:
-100-continue``); what a request means is the handler's business, given an `Exchange`. What one
-caller can cost it is bounded by the ``ConnectionLimits`` it is given; how:
+100-continue``); what a request means is the handler's business, given an `Exchange`. This module
+holds the connections (poller, workers, bookkeeping); one request on one connection, its parsing and
+its answer, is `agent.http_request`'s. What one caller can cost is bounded by the
+``ConnectionLimits`` the server is given; how:
 
 - One poller thread holds every connection that has no complete request yet (idle keep-alive
   ones, and ones still sending headers), so connections cost no thread; ``workers`` handler threads
@@ -21,18 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from agent.http_request import Disconnected, Exchange, HttpError, Request, head_end, parse_head
 from edgesdk.errors import ConfigError
+
+# Disconnected, Exchange, HttpError and Request are the request side (`agent.http_request`),
+# re-exported so a handler can take everything it needs from here.
+__all__ = ["ConnectionLimits", "Connection", "Disconnected", "Exchange", "HttpError", "HttpServer", "Request"]
 
 log = logging.getLogger(__name__)
 
@@ -56,97 +61,9 @@ class ConnectionLimits(Protocol):
     def max_discard_bytes(self) -> int: ...
 
 
-# -- request parsing ------------------------------------------------------------------------------
-
-class HttpError(Exception):
-    """An answer to send instead of going on; ``close`` when the stream cannot be trusted after it."""
-
-    def __init__(self, status: int, message: str, close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.close = close
-
-
-class Disconnected(Exception):
-    """The client went away (or stopped reading); nothing more can be sent."""
-
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_LENGTH = re.compile(r"[0-9]{1,18}")  # digits only: no sign, no spaces inside, no 1e3
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    target: str
-    version: str
-    headers: dict[str, list[str]]  # lower-case name -> values in order
-
-    def header(self, name: str) -> str | None:
-        values = self.headers.get(name)
-        return values[0] if values else None
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-    def tokens(self, name: str) -> set[str]:
-        return {t.strip().lower() for v in self.headers.get(name, []) for t in v.split(",") if t.strip()}
-
-    @property
-    def keep_alive(self) -> bool:
-        # HTTP/1.0 keep-alive needs an extra response header; its clients are rare here, so close.
-        return self.version == "HTTP/1.1" and "close" not in self.tokens("connection")
-
-
-def _parse_head(head: bytes) -> Request:
-    """Request line and headers (without the blank line); HttpError 400/505 if malformed."""
-    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
-        raise HttpError(400, f"malformed request line {lines[0][:100]!r}", close=True)
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(505, f"HTTP version {version[:20]!r} is not supported (HTTP/1.1 is)", close=True)
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        # No obs-fold continuation lines and no space before the colon: both are smuggling tools.
-        if not colon or not _TOKEN.fullmatch(name):
-            raise HttpError(400, f"malformed header line {line[:100]!r}", close=True)
-        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
-    return Request(method, target, version, headers)
-
-
-def _body_length(request: Request) -> int | None:
-    """The declared body length (0 when none is declared); None for Transfer-Encoding (unsupported)."""
-    if "transfer-encoding" in request.headers:
-        return None
-    values = {v.strip() for v in request.headers.get("content-length", []) for v in v.split(",")}
-    if not values:
-        return 0
-    if len(values) > 1:
-        raise HttpError(400, f"conflicting Content-Length values {sorted(values)[:3]}", close=True)
-    text = values.pop()
-    if not _LENGTH.fullmatch(text):
-        raise HttpError(400, f"bad Content-Length {text[:40]!r}: expected a non-negative integer", close=True)
-    return int(text)
-
-
-def _head_end(buf: bytearray, start: int) -> tuple[int, int] | None:
-    """(end of headers, start of body) if ``buf`` holds a whole head; scanning from ``start``."""
-    start = max(0, start - 3)
-    crlf, lf = buf.find(b"\r\n\r\n", start), buf.find(b"\n\n", start)
-    if crlf >= 0 and (lf < 0 or crlf <= lf):
-        return crlf, crlf + 4
-    if lf >= 0:
-        return lf, lf + 2
-    return None
-
-
 # -- connections ----------------------------------------------------------------------------------
 
-class _Conn:
+class Connection:
     """One client connection: its socket, bytes received and not yet used, and its current deadline."""
 
     __slots__ = ("sock", "peer", "buf", "deadline")
@@ -171,146 +88,6 @@ def _quick_reply(sock: socket.socket, status: int, message: str) -> None:
 
 _LISTEN, _WAKE = "listen", "wake"
 
-
-class Exchange:
-    """One request on one connection, run by a worker thread: the server's handler answers it with
-    `send` (reading a body with `content_length` and `read_body`, or raising `HttpError`);
-    `run` says whether to keep the connection."""
-
-    def __init__(self, server: HttpServer, conn: _Conn, request: Request) -> None:
-        self.server, self.conn, self.request = server, conn, request
-        self.limits = server.limits
-        self.close = not request.keep_alive
-        self.body_left: int | None = 0  # body bytes not read yet; None: unknown (Transfer-Encoding)
-        self.expects_continue = "100-continue" in request.tokens("expect")
-
-    def run(self) -> bool:
-        try:
-            try:
-                self.body_left = _body_length(self.request)
-                self._check_host()
-                self.server.handler(self)
-            except HttpError as err:
-                self.close = self.close or err.close
-                self.send(err.status, json.dumps({"error": str(err)}).encode("utf-8"), "application/json")
-            self._drop_body()
-        except Disconnected:
-            return False
-        return not self.close
-
-    def _check_host(self) -> None:
-        server = self.server
-        hosts = self.request.headers.get("host", [])
-        if len(hosts) != 1:
-            raise HttpError(400, "exactly one Host header is required")
-        if not server.host_allowed(hosts[0]):
-            raise HttpError(403, f"Host {hosts[0][:100]!r} is not this API; it answers to "
-                                 f"{', '.join(sorted(server.allowed_hosts))} on port {server.port}")
-
-    # the body
-    def content_length(self, max_bytes: int) -> int:
-        """The declared body length, for a handler that reads the body: 411 without Content-Length
-        (chunked included), 413 over ``max_bytes``, answered before a byte of the body is read."""
-        length = self.body_left
-        if length is None:
-            raise HttpError(411, "Content-Length is required (chunked bodies are not supported)", close=True)
-        if "content-length" not in self.request.headers:
-            raise HttpError(411, "Content-Length is required", close=True)
-        if length > max_bytes:
-            raise HttpError(413, f"request body is {length} bytes; the limit is {max_bytes}")
-        return length
-
-    def _continue(self) -> None:
-        if self.expects_continue:
-            self.expects_continue = False
-            self._sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def _recv_into(self, view: memoryview, deadline: float) -> int:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.conn.sock.settimeout(left)
-        try:
-            n = self.conn.sock.recv_into(view)
-        except TimeoutError:
-            raise
-        except OSError:
-            raise Disconnected from None
-        if n == 0:
-            raise HttpError(400, "request body ended early: the client closed the connection", close=True)
-        return n
-
-    def read_body(self, length: int) -> bytearray:
-        """The whole body (``length`` from `content_length`) within ``body_timeout_s``; else 408."""
-        self._continue()
-        body = bytearray(length)
-        view = memoryview(body)
-        buffered = min(length, len(self.conn.buf))
-        view[:buffered] = self.conn.buf[:buffered]
-        del self.conn.buf[:buffered]
-        have, deadline = buffered, time.monotonic() + self.limits.body_timeout_s
-        try:
-            while have < length:
-                have += self._recv_into(view[have:], deadline)
-        except TimeoutError:
-            self.body_left = None  # the stream is mid-body: close after answering
-            raise HttpError(408, f"request body not received within {self.limits.body_timeout_s} s "
-                                 f"({have} of {length} bytes)", close=True) from None
-        finally:
-            view.release()
-        self.body_left = 0
-        return body
-
-    def _drop_body(self) -> None:
-        """After the answer: read and drop what is left of the request body (`send` closed the
-        connection instead where that is not possible)."""
-        left = self.body_left
-        if self.close or not left:
-            return
-        take = min(left, len(self.conn.buf))
-        del self.conn.buf[:take]
-        left -= take
-        scratch = memoryview(bytearray(min(left, 1 << 16) or 1))
-        deadline = time.monotonic() + self.limits.body_timeout_s
-        try:
-            while left > 0:
-                left -= self._recv_into(scratch[:min(left, len(scratch))], deadline)
-        except (TimeoutError, HttpError):
-            self.close = True
-        self.body_left = 0
-
-    # answers
-    def _sendall(self, data: bytes | memoryview) -> None:
-        self.conn.sock.settimeout(self.limits.body_timeout_s)
-        try:
-            self.conn.sock.sendall(data)
-        except OSError:  # timeout (a client that does not read) included
-            self.close = True
-            raise Disconnected from None
-
-    def send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] = {}) -> None:
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}"]
-        lines.extend(f"{key}: {value}" for key, value in headers.items())
-        left = self.body_left  # the body not read: can it be dropped after this answer?
-        if left is None or left > self.limits.max_discard_bytes or (left and self.expects_continue):
-            # Unknown framing (Transfer-Encoding), too much to drop, or a client waiting for a
-            # 100 Continue before it sends: the connection cannot carry another request.
-            self.close = True
-        if self.close:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # One write for small answers; with TCP_NODELAY two writes cost a second packet, not 40 ms.
-        if len(body) <= 64 * 1024:
-            self._sendall(head + body)
-        else:
-            self._sendall(head)
-            self._sendall(body)
-
-    def send_json(self, status: int, payload: Any) -> None:
-        self.send(status, json.dumps(payload).encode("utf-8"), "application/json")
-
-
 class HttpServer:
     """One poller thread and ``limits.workers`` handler threads; each whole request goes to
     ``handler`` as an `Exchange`. ``port=0`` binds a free port (see `port` after start)."""
@@ -332,9 +109,9 @@ class HttpServer:
         self._selector: selectors.BaseSelector | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._work: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
-        self._returned: deque[_Conn] = deque()
-        self._waiting: dict[_Conn, None] = {}  # poller-owned: connections without a whole request, oldest first
+        self._work: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self._returned: deque[Connection] = deque()
+        self._waiting: dict[Connection, None] = {}  # poller-owned: connections without a whole request, oldest first
         self._open = 0  # connections accepted and not closed
         self._busy = 0  # connections a worker holds
         self._refused = 0
@@ -438,7 +215,7 @@ class HttpServer:
                             self._readable(key.data)
                     except Exception:  # noqa: BLE001 - one connection's trouble must not stop the poller
                         log.exception("api poller: event on %s failed", key.data)
-                        if isinstance(key.data, _Conn):
+                        if isinstance(key.data, Connection):
                             self._drop(key.data)
         except Exception:  # noqa: BLE001 - the selector itself failed: log it, the API is down
             log.exception("api poller stopped")
@@ -487,9 +264,9 @@ class HttpServer:
                 pass
             with self._lock:
                 self._open += 1
-            self._hold(_Conn(sock, peer, time.monotonic() + self.limits.idle_timeout_s))
+            self._hold(Connection(sock, peer, time.monotonic() + self.limits.idle_timeout_s))
 
-    def _hold(self, conn: _Conn) -> None:
+    def _hold(self, conn: Connection) -> None:
         """Wait for (the rest of) a request on ``conn``, or dispatch it if its head is in already."""
         if conn.buf and not self._complete(conn):
             return
@@ -497,13 +274,13 @@ class HttpServer:
         self._selector.register(conn.sock, selectors.EVENT_READ, conn)
         self._waiting[conn] = None
 
-    def _complete(self, conn: _Conn) -> bool:
+    def _complete(self, conn: Connection) -> bool:
         """For a connection with bytes: True if they are still short of a head (keep waiting);
         else dispatch it to a worker (whole head) or refuse it (head too large) and return False."""
         del conn.buf[:len(conn.buf) - len(conn.buf.lstrip(b"\r\n"))]  # stray CRLF between requests
         if not conn.buf:
             return True
-        if _head_end(conn.buf, 0) is not None:
+        if head_end(conn.buf, 0) is not None:
             self._work.put(conn)
             return False
         if len(conn.buf) > self.limits.max_header_bytes:
@@ -512,7 +289,7 @@ class HttpServer:
             return False
         return True
 
-    def _readable(self, conn: _Conn) -> None:
+    def _readable(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -531,7 +308,7 @@ class HttpServer:
             return
         if start == 0:
             conn.deadline = time.monotonic() + self.limits.header_timeout_s  # a request has begun
-        if len(conn.buf) <= self.limits.max_header_bytes and _head_end(conn.buf, start) is None:
+        if len(conn.buf) <= self.limits.max_header_bytes and head_end(conn.buf, start) is None:
             return  # a partial head: scanned from where the last bytes ended, so no quadratic rescans
         assert self._selector is not None
         self._selector.unregister(conn.sock)
@@ -560,7 +337,7 @@ class HttpServer:
             except (OSError, ValueError):  # closed underneath us
                 self._close(conn)
 
-    def _drop(self, conn: _Conn, refused: bool = False) -> None:
+    def _drop(self, conn: Connection, refused: bool = False) -> None:
         """Close a connection the poller holds."""
         if conn in self._waiting:
             del self._waiting[conn]
@@ -571,7 +348,7 @@ class HttpServer:
                 pass
         self._close(conn, refused)
 
-    def _close(self, conn: _Conn, refused: bool = False) -> None:
+    def _close(self, conn: Connection, refused: bool = False) -> None:
         try:
             conn.sock.close()
         except OSError:
@@ -605,14 +382,14 @@ class HttpServer:
             else:
                 self._close(conn)
 
-    def _serve_one(self, conn: _Conn) -> bool:
-        end = _head_end(conn.buf, 0)
+    def _serve_one(self, conn: Connection) -> bool:
+        end = head_end(conn.buf, 0)
         if end is None:  # cannot happen: the poller dispatches whole heads only
             return False
         head = bytes(conn.buf[:end[0]])
         del conn.buf[:end[1]]
         try:
-            request = _parse_head(head)
+            request = parse_head(head)
         except HttpError as err:
             conn.sock.settimeout(self.limits.body_timeout_s)
             try:
@@ -626,7 +403,7 @@ class HttpServer:
         log.debug("%s %s %s", conn.peer, request.method, request.path[:200])
         return Exchange(self, conn, request).run()
 
-    def _hand_back(self, conn: _Conn) -> None:
+    def _hand_back(self, conn: Connection) -> None:
         conn.deadline = time.monotonic() + (self.limits.header_timeout_s if conn.buf.strip(b"\r\n")
                                             else self.limits.idle_timeout_s)
         try:

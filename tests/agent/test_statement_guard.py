@@ -8,10 +8,7 @@ state was lost, a revoked key after a root rotation. The disk-full test fills a 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ from edgesdk.errors import StorageError, TrustError
 from edgesdk.protocol import BLOCK_SIZE, DeploymentStatement, SignedStatement, new_serial, sign_statement
 from edgesdk.signing import generate_keys, key_id, load_private_key, load_public_key
 from edgesdk.trustroot import TrustRoot, create_root, rotate_root
+from tests.fixtures.disk import SmallDisk, tmpfs
 
 NOW = 1_900_000_000.0  # 2030-03-17
 FLEET, DEVICE = "plant-7", "cam-01"
@@ -229,39 +227,10 @@ def test_downgrade_is_refused_unless_rollback(tmp_path: Path, keys: Keys, clock:
 
 
 # -- disk full ------------------------------------------------------------------------------------
-class SmallDisk:
-    """A tmpfs of ``size`` bytes at ``path`` (needs root; skipped with the reason otherwise)."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a 64 KiB tmpfs to fill (needs root): {done.stderr.strip()}")
-
-    def fill(self) -> None:
-        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        (self.path / "filler").unlink()
-
-    def unmount(self) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    disk = SmallDisk(tmp_path / "disk", 64 * 1024)
-    yield disk
-    disk.unmount()
+    with tmpfs(tmp_path / "disk", 64 * 1024) as disk:
+        yield disk
 
 
 def test_full_disk_when_recording_serial_is_storage_error(small_disk: SmallDisk, keys: Keys, clock: Clock):

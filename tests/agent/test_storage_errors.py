@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,44 +21,15 @@ from edgesdk.errors import IntegrityError, StorageError
 from edgesdk.manifest import Manifest, TensorSpec, Variant
 from edgesdk.package import extract_package, verify_package, write_package
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
+from tests.fixtures.disk import SmallDisk, tmpfs
 
 SELECTION = {"variant": "onnx-fp32", "runtime": "onnxruntime", "provider": "CPUExecutionProvider"}
 
 
-class SmallDisk:
-    """A tmpfs of ``size`` bytes at ``path``; `fill()` uses up what is left, `read_only()` remounts it."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs to fill (needs root): {done.stderr.strip()}")
-
-    def fill(self) -> None:
-        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        assert os.statvfs(self.path).f_bavail == 0
-
-    def read_only(self) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, timeout=30)
-
-    def unmount(self) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    disk = SmallDisk(tmp_path / "disk", 256 * 1024)
-    yield disk
-    disk.unmount()
+    with tmpfs(tmp_path / "disk", 256 * 1024) as disk:
+        yield disk
 
 
 @pytest.fixture
@@ -142,7 +112,7 @@ def test_full_disk_makes_spool_append_a_storage_error_and_keeps_what_was_spooled
 
     assert err.value.disk_full
     assert spool.pending() == [1] and spool.read(1) == b'{"seq": 1}'
-    (small_disk.path / "filler").unlink()
+    small_disk.free()
     assert spool.append(3, b'{"seq": 3}') and spool.pending() == [1, 3]  # it goes on once there is room
 
 
@@ -165,6 +135,6 @@ def test_full_disk_makes_telemetry_roll_a_storage_error_and_never_reuses_a_seq(s
     with pytest.raises(StorageError, match="disk full"):
         recorder.roll()
 
-    (small_disk.path / "filler").unlink()
+    small_disk.free()
     assert recorder.roll().seq == 2  # seq 1 went with the lost window; it is never sent twice
     assert LatencyRecorder(state, probe=lambda: ProcessStats(None, None)).next_seq == 3
