@@ -42,6 +42,7 @@ from agent.http_request import Disconnected, Exchange, HttpError
 from agent.http_server import HttpServer
 from agent.model_host import InvalidInputError, ModelHost, NoModelError
 from edgesdk.errors import ConfigError, EdgeError
+from edgesdk.npz import NPY_READ_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,11 @@ def render_metrics(host: ModelHost, requests: Mapping[str, int], uptime_s: float
 # -- bodies ---------------------------------------------------------------------------------------
 
 def _decode_npz(body: bytes | bytearray, max_decoded: int) -> dict[str, np.ndarray]:
+    with NPY_READ_LOCK:  # the header checks below call numpy's header parser too (edgesdk.npz)
+        return _decode_npz_unlocked(body, max_decoded)
+
+
+def _decode_npz_unlocked(body: bytes | bytearray, max_decoded: int) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
             infos = archive.infolist()
@@ -343,7 +349,13 @@ class ApiServer:
             with self.body_budget.take(length, limits.queue_timeout_s):
                 body = exchange.read_body(length)
                 with self.slot(limits.queue_timeout_s):
-                    status, payload, out_type, headers = self.infer_request(ctype, body)
+                    try:
+                        status, payload, out_type, headers = self.infer_request(ctype, body)
+                    except HttpError:
+                        raise
+                    except Exception as exc:  # a bug, not the caller's fault: answer 500, keep the worker
+                        log.exception("api: inference request failed")
+                        raise HttpError(500, f"internal error: {type(exc).__name__}") from None
                     del body
         except Exception:
             self.count(False)

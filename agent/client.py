@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgesdk.errors import EdgeError
+from edgesdk.npz import read_npz
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 
@@ -102,8 +103,7 @@ class EdgeClient:
         np.savez(buf, **{name: np.asarray(value) for name, value in feeds.items()})
         raw, _ = self._call("POST", "/v1/infer", buf.getvalue(), "application/x-npz")
         try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
+            return read_npz(io.BytesIO(raw))
         except (ValueError, OSError, EOFError) as err:
             raise ApiError(f"POST /v1/infer: response is not an npz file: {err}") from None
 

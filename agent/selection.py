@@ -32,6 +32,7 @@ import numpy as np
 from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import EdgeError, HealthCheckError, PackageError, RuntimeUnavailableError, map_os_errors
 from edgesdk.manifest import Manifest
+from edgesdk.npz import NPY_READ_LOCK
 from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
 from edgesdk.validation import health_check
 
@@ -135,7 +136,7 @@ def load_reference(install_dir: Path, manifest: Manifest) -> tuple[list[dict], l
             raise PackageError(f"{install_dir}: the manifest names no reference {key}")
         path = path_inside(install_dir, relative, f"reference.{key}")
         try:
-            with map_os_errors(f"read {path}"), np.load(path, allow_pickle=False) as data:
+            with map_os_errors(f"read {path}"), NPY_READ_LOCK, np.load(path, allow_pickle=False) as data:
                 arrays = {k: np.asarray(data[k]) for k in data.files}
         except _NPZ_ERRORS as exc:
             raise PackageError(f"{path}: unreadable reference {key} ({type(exc).__name__}: "
