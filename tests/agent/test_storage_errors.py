@@ -8,7 +8,6 @@ with the reason rather than fake the fault.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from agent.spool import TelemetrySpool
 from agent.store import VersionStore
 from agent.telemetry import LatencyRecorder, ProcessStats
 from edgesdk.errors import IntegrityError, StorageError
-from edgesdk.manifest import Manifest, TensorSpec, Variant
-from edgesdk.package import extract_package, verify_package, write_package
+from edgesdk.package import extract_package, verify_package
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
 from tests.fixtures.disk import SmallDisk, tmpfs
+from tests.fixtures.packages import random_package
 
 SELECTION = {"variant": "onnx-fp32", "runtime": "onnxruntime", "provider": "CPUExecutionProvider"}
 
@@ -39,16 +38,8 @@ def keys(tmp_path: Path):
 
 
 def make_package(tmp_path: Path, private, version: str, size: int) -> Path:
-    src = tmp_path / f"src-{version}"
-    src.mkdir()
-    (src / "model.onnx").write_bytes(os.urandom(size))
-    manifest = Manifest(
-        name="detector", version=version, target="x86-64-cpu", source={"filename": "m.onnx"},
-        inputs=[TensorSpec("x", "float32", (1, 3))], outputs=[TensorSpec("y", "float32", (1, 2))],
-        variants=[Variant(id="onnx-fp32", kind="onnx-fp32", format="onnx", precision="fp32",
-                          runtime="onnxruntime", file="model.onnx", files=["model.onnx"])])
-    return write_package(tmp_path / f"detector-{version}.edgepkg", manifest, {"model.onnx": src / "model.onnx"},
-                         private)
+    return random_package(tmp_path / f"detector-{version}.edgepkg", private, size=size, name="detector",
+                          version=version)
 
 
 # -- package extraction ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ device's persistent session are then the test's alone. Tests that kill the broke
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +20,10 @@ import pytest
 from agent.transfer import PackageFetcher
 from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client
 from edgesdk.fleet.repository import PublishedPackage, RepositoryServer, publish_package
-from edgesdk.manifest import Manifest, TensorSpec, Variant
-from edgesdk.package import write_package
 from edgesdk.protocol import DeploymentStatement
 from edgesdk.signing import generate_keys, load_private_key
 from tests.fixtures.broker import SecureMosquitto
+from tests.fixtures.packages import random_package
 
 BLOCK = 64 * 1024  # small blocks: many of them from a 2 MiB package keeps the tests fast
 SIZE = 2 * 1024 * 1024
@@ -103,14 +101,8 @@ def fleet() -> str:
 @pytest.fixture
 def published(tmp_path: Path) -> PublishedPackage:
     keys = generate_keys(tmp_path / "keys")
-    model = tmp_path / "model.onnx"
-    model.write_bytes(os.urandom(SIZE))
-    manifest = Manifest(name="demo", version="2.0", target="raspberry-pi-5", source={"filename": "model.onnx"},
-                        inputs=[TensorSpec("x", "float32", (1, 4))], outputs=[TensorSpec("y", "float32", (1, 2))],
-                        variants=[Variant(id="onnx-fp32", kind="fp32", format="onnx", precision="fp32",
-                                          runtime="onnxruntime", file="model.onnx")])
-    pkg = write_package(tmp_path / "demo.edgepkg", manifest, {"model.onnx": model},
-                        load_private_key(keys.private_path))
+    pkg = random_package(tmp_path / "demo.edgepkg", load_private_key(keys.private_path), size=SIZE,
+                         version="2.0", target="raspberry-pi-5")
     return publish_package(pkg, tmp_path / "repo", block_size=BLOCK)
 
 

@@ -18,10 +18,9 @@ from edgesdk.broker import connect_blocking, disconnect, make_client, parse_brok
 from edgesdk.errors import BrokerError, ConfigError, IntegrityError, PackageError, ProtocolError, SignatureError
 from edgesdk.fleet.deploy import deploy
 from edgesdk.fleet.repository import RepositoryServer, find_package, publish_package
-from edgesdk.manifest import Manifest, TensorSpec, Variant
-from edgesdk.package import write_package
 from edgesdk.protocol import BlockResponse, BlockStatus, DeploymentStatement, InstallEvent, SignedStatement, TelemetryWindow
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
+from tests.fixtures.packages import random_package
 
 FLEET = "test-fleet"
 BLOCK = 64 * 1024
@@ -30,13 +29,7 @@ BLOCK = 64 * 1024
 def make_package(tmp: Path, size: int = 2 * 1024 * 1024, name: str = "demo", keys_dir: Path | None = None) -> tuple[Path, Path]:
     """A signed .edgepkg with one random 'model' file; returns (package path, public key path)."""
     keys = generate_keys(keys_dir or tmp / "keys", overwrite=True)
-    model = tmp / f"{name}.onnx"
-    model.write_bytes(os.urandom(size))
-    manifest = Manifest(name=name, version="1.0", target="x86-64-cpu", source={"filename": model.name},
-                        inputs=[TensorSpec("x", "float32", (1, 4))], outputs=[TensorSpec("y", "float32", (1, 2))],
-                        variants=[Variant(id="onnx-fp32", kind="fp32", format="onnx", precision="fp32",
-                                          runtime="onnxruntime", file="model.onnx", files=["model.onnx"])])
-    pkg = write_package(tmp / f"{name}.edgepkg", manifest, {"model.onnx": model}, load_private_key(keys.private_path))
+    pkg = random_package(tmp / f"{name}.edgepkg", load_private_key(keys.private_path), size=size, name=name)
     return pkg, keys.public_path
 
 

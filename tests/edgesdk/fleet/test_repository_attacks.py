@@ -9,7 +9,6 @@ requester delaying the others."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +22,9 @@ from paho.mqtt.properties import Properties
 from edgesdk import protocol
 from edgesdk.broker import connect_blocking, disconnect, make_client, parse_broker_url
 from edgesdk.fleet.repository import PublishedPackage, RepositoryServer, publish_package
-from edgesdk.manifest import Manifest, TensorSpec, Variant
-from edgesdk.package import write_package
 from edgesdk.protocol import BlockResponse, BlockStatus
 from edgesdk.signing import generate_keys, load_private_key
+from tests.fixtures.packages import random_package
 
 FLEET = "attack-fleet"
 BLOCK = 16 * 1024
@@ -36,14 +34,7 @@ HEADER = protocol.HEADER_SIZE
 @pytest.fixture
 def published(tmp_path: Path) -> PublishedPackage:
     keys = generate_keys(tmp_path / "keys")
-    model = tmp_path / "model.onnx"
-    model.write_bytes(os.urandom(600_000))
-    manifest = Manifest(name="demo", version="1.0", target="x86-64-cpu", source={"filename": "model.onnx"},
-                        inputs=[TensorSpec("x", "float32", (1, 4))], outputs=[TensorSpec("y", "float32", (1, 2))],
-                        variants=[Variant(id="onnx-fp32", kind="fp32", format="onnx", precision="fp32",
-                                          runtime="onnxruntime", file="model.onnx")])
-    pkg = write_package(tmp_path / "demo.edgepkg", manifest, {"model.onnx": model},
-                        load_private_key(keys.private_path))
+    pkg = random_package(tmp_path / "demo.edgepkg", load_private_key(keys.private_path), size=600_000)
     return publish_package(pkg, tmp_path / "repo", block_size=BLOCK)
 
 
