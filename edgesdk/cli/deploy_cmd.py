@@ -18,6 +18,18 @@ def fleet_key_option():
     return typer.Option(None, "--fleet-key", help=FLEET_KEY_HELP, envvar="EDGESDK_FLEET_KEY")
 
 
+# The options `deploy` and `rollback` share (use as defaults, like broker_options.B).
+S = dict(
+    device=typer.Option(..., "--device", help="Device id (repeatable)."),
+    fleet=typer.Option("default", "--fleet", help="Fleet name."),
+    repo=typer.Option(..., "--repo", help="Package repository folder the package was published to."),
+    target=typer.Option(None, "--target", help="The target, when several are published for that version."),
+    rollout_id=typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
+    release_key_as_fleet_key=typer.Option(False, "--release-key-as-fleet-key",
+                                          help="Allow the key that signed the package to sign the statement."),
+)
+
+
 def load_fleet_key(path: Path | None):
     """The fleet signing key from --fleet-key, $EDGESDK_FLEET_KEY or the default key folder."""
     from edgesdk.signing import default_key_dir, load_private_key
@@ -58,14 +70,9 @@ def _one_release(packages: list, name: str, version: str, target: str | None, re
 def deploy(
     package: str = typer.Argument(..., help="NAME@VERSION, a published package id (or unique prefix), "
                                   "or its .edgepkg file."),
-    device: list[str] = typer.Option(..., "--device", help="Device id (repeatable)."),
-    fleet: str = typer.Option("default", "--fleet", help="Fleet name."),
-    repo: Path = typer.Option(..., "--repo", help="Package repository folder the package was published to."),
-    target: str = typer.Option(None, "--target", help="With NAME@VERSION: the target, when several are published."),
-    rollout_id: str = typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
-    fleet_key: Path = fleet_key_option(),
-    release_key_as_fleet_key: bool = typer.Option(False, "--release-key-as-fleet-key",
-                                                  help="Allow the key that signed the package to sign the statement."),
+    device: list[str] = S["device"], fleet: str = S["fleet"], repo: Path = S["repo"], target: str = S["target"],
+    rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
+    release_key_as_fleet_key: bool = S["release_key_as_fleet_key"],
     broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
     username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
 ) -> None:
@@ -81,14 +88,9 @@ def deploy(
 def rollback(
     name: str = typer.Argument(..., help="The package name to roll back."),
     to: str = typer.Option(..., "--to", help="The version to go back to (must be published in --repo)."),
-    device: list[str] = typer.Option(..., "--device", help="Device id (repeatable)."),
-    fleet: str = typer.Option("default", "--fleet", help="Fleet name."),
-    repo: Path = typer.Option(..., "--repo", help="Package repository folder."),
-    target: str = typer.Option(None, "--target", help="The target, when several are published for that version."),
-    rollout_id: str = typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
-    fleet_key: Path = fleet_key_option(),
-    release_key_as_fleet_key: bool = typer.Option(False, "--release-key-as-fleet-key",
-                                                  help="Allow the key that signed the package to sign the statement."),
+    device: list[str] = S["device"], fleet: str = S["fleet"], repo: Path = S["repo"], target: str = S["target"],
+    rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
+    release_key_as_fleet_key: bool = S["release_key_as_fleet_key"],
     broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
     username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
 ) -> None:

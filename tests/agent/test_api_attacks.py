@@ -26,6 +26,7 @@ from agent.client import ApiError, EdgeClient
 from agent.model_host import ActiveModel, ModelHost
 from agent.telemetry import LatencyRecorder, ProcessStats
 from edgesdk import runtime
+from tests.fixtures.concurrency import call_at_once
 from tests.fixtures.tiny_models import mlp_model
 
 MIB = 1024 * 1024
@@ -112,29 +113,10 @@ def call_concurrently(api: ApiServer, feeds: list[dict[str, np.ndarray]],
                       expected: list[dict[str, np.ndarray]]) -> tuple[list[str], int]:
     """CALLERS threads of one EdgeClient (a connection each) call at once; (errors, wrong answers)."""
     client = EdgeClient(api.url, timeout_s=30)
-    errors: list[str] = []
-    wrong = [0]
-    start = threading.Barrier(len(feeds))
-
-    def caller(i: int) -> None:
-        start.wait(timeout=30)
-        for _ in range(CALLS):
-            try:
-                out = client.infer(feeds[i])
-            except ApiError as exc:
-                errors.append(str(exc))
-                continue
-            if out.keys() != expected[i].keys() or not all(np.array_equal(out[k], expected[i][k]) for k in out):
-                wrong[0] += 1
+    try:
+        return call_at_once(client.infer, feeds, expected, CALLS)
+    finally:
         client.close()
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(feeds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    return errors, wrong[0]
 
 
 def _mlp_case(tmp_path: Path, rt: str, provider: str) -> tuple[runtime.Session, list[dict[str, np.ndarray]]]:

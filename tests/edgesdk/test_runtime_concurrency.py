@@ -4,7 +4,6 @@ answer a lone caller gets (the agent's API serves many apps through one session)
 from __future__ import annotations
 
 import importlib.util
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from edgesdk import runtime
 from edgesdk.errors import ConfigError
+from tests.fixtures.concurrency import call_at_once
 from tests.fixtures.tiny_models import mlp_model, tflite_dense_model
 
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
@@ -21,32 +21,8 @@ CALLERS, ROUNDS = 4, 25
 
 def hammer(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
            feeds: list[dict[str, np.ndarray]], rounds: int = ROUNDS) -> tuple[list[str], int]:
-    """Each feed gets its own thread calling ``run`` ``rounds`` times, all starting together;
-    returns (errors, answers that differ from the lone caller's answer)."""
-    expected = [run(f) for f in feeds]  # the single-threaded answers
-    errors: list[str] = []
-    mismatches = [0]
-    start = threading.Barrier(len(feeds))
-
-    def caller(i: int) -> None:
-        start.wait(timeout=30)
-        for _ in range(rounds):
-            try:
-                out = run(feeds[i])
-            except Exception as exc:  # noqa: BLE001 - any failure is the finding
-                errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            if out.keys() != expected[i].keys() or not all(
-                    np.array_equal(out[k], expected[i][k]) for k in out):
-                mismatches[0] += 1
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(feeds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    return errors, mismatches[0]
+    """Every feed's caller runs ``rounds`` times at once; (errors, answers unlike a lone caller's)."""
+    return call_at_once(run, feeds, [run(f) for f in feeds], rounds)
 
 
 @pytest.fixture
