@@ -1,16 +1,24 @@
 """Local inference API for apps on the device (loopback only unless allowed), on `agent.http_server`.
 
-    POST /v1/infer   npz in -> npz out (application/x-npz or octet-stream), or
-                     {"inputs": {name: nested lists}} -> {"outputs": {...}, "latency_ms": ...}
-    GET  /v1/status  the active model, uptime, API counters, plus the daemon's status callback
-    GET  /metrics    Prometheus text format 0.0.4
+    POST /v1/infer                npz in -> npz out (application/x-npz or octet-stream), or
+                                  {"inputs": {name: nested lists}} -> {"outputs": {...}, "latency_ms": ...,
+                                  "model": "name@version"}; runs the only active model (409 if several)
+    POST /v1/models/{name}/infer  the same, on the active model named ``name`` (404 if none is)
+    GET  /v1/models               {"models": [each active model's description, sorted by name]}
+    GET  /v1/models/{name}        one active model's description (404 if none has that name)
+    GET  /v1/status               the active models, uptime, API counters, plus the daemon's status callback
+    GET  /metrics                 Prometheus text format 0.0.4, inference families labelled by ``model``
+
+Inference answers carry ``X-Edge-Latency-Ms`` (the model's run) and ``X-Edge-Model`` (the release
+that answered, ``name@version``). A model name in a path is a fleet id (`edgesdk.protocol.ID_RULE`).
 
 Errors are ``{"error": "<one line>"}`` with 400 bad input (or a malformed request, Content-Length
-included), 403 a Host header that does not name this API, 404 unknown path, 408 headers or body too
-slow, 411 no length, 413 body (or decoded npz) too large, 415 unknown content type, 431 headers too
-large, 500 runtime failure, 501 unknown method, 503 no model active or no room within
-``queue_timeout_s``, 505 not HTTP/1.x. The API has no authentication, so a bind outside loopback
-must be asked for explicitly (``allow_remote``).
+included), 403 a Host header that does not name this API, 404 unknown path or no active model of that
+name (the answer lists the active ones), 408 headers or body too slow, 409 ``/v1/infer`` while
+several models are active (the answer lists them), 411 no length, 413 body (or decoded npz) too
+large, 415 unknown content type, 431 headers too large, 500 runtime failure, 501 unknown method, 503
+no model active or no room within ``queue_timeout_s``, 505 not HTTP/1.x. The API has no
+authentication, so a bind outside loopback must be asked for explicitly (``allow_remote``).
 
 What one caller can cost is bounded by `ApiLimits`. Connections, header and body timeouts,
 Content-Length and the Host header are `agent.http_server`'s (its docstring says how); here:
@@ -30,6 +38,7 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,9 +49,12 @@ import numpy as np
 
 from agent.http_request import Disconnected, Exchange, HttpError
 from agent.http_server import HttpServer
-from agent.model_host import InvalidInputError, ModelHost, NoModelError
+from agent.model_host import (
+    ActiveModel, AmbiguousModelError, InvalidInputError, ModelHost, NoModelError, UnknownModelError,
+)
 from edgesdk.errors import ConfigError, EdgeError
 from edgesdk.npz import NPY_READ_LOCK
+from edgesdk.protocol import ID_RULE, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 # Prometheus `le` bounds in ms: spans a 0.1 ms NPU kernel to a 10 s CPU transformer.
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 _MIB = 1024 * 1024
+MODELS_PATH = "/v1/models"
 
 
 @dataclass(frozen=True)
@@ -149,39 +162,80 @@ def _num(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
-def render_metrics(host: ModelHost, requests: Mapping[str, int], uptime_s: float,
+def model_name(segment: str) -> str | None:
+    """The model name a path segment spells (percent-decoded), None when it is not a valid one."""
+    try:
+        name = urllib.parse.unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return name if is_valid_id(name) else None
+
+
+def _model_segment(path: str, suffix: str = "") -> str | None:
+    """``{name}`` of ``/v1/models/{name}{suffix}`` as sent (still percent-encoded), else None."""
+    prefix = MODELS_PATH + "/"
+    if not path.startswith(prefix) or not path.endswith(suffix) or len(path) < len(prefix) + len(suffix):
+        return None
+    segment = path[len(prefix):len(path) - len(suffix)]
+    return None if "/" in segment else segment
+
+
+def describe(model: ActiveModel) -> dict[str, Any]:
+    """What /v1/models says of one model: its description and its release (``name@version``)."""
+    return {**model.describe(), "release": model.release}
+
+
+def render_metrics(host: ModelHost, requests: Mapping[str | None, Mapping[str, int]], uptime_s: float,
                    rss_bytes: int | None, connections: Mapping[str, int] | None = None) -> str:
-    """Prometheus text exposition of the API counters, latency histogram and model info."""
-    hist, model_errors, rejected = host.recorder.snapshot()
-    model = host.active
+    """Prometheus text exposition of the API counters, per-model latency histograms and model info.
+
+    ``requests``: model name (None: refused before a model was chosen) -> {"ok": n, "error": n}.
+    Every inference family has one series per model (``model="name"``): each model seen since start,
+    and each active one (at zero until its first request), so no series mixes two models.
+    """
+    recorder = host.recorder
+    active = host.models()
+    names = sorted(set(recorder.models()) | set(active) | {n for n in requests if n is not None})
+    stats = {name: recorder.snapshot(name) for name in names}
     lines: list[str] = []
 
     def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
         lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
         lines.extend(f"{name}{suffix} {_num(value)}" for suffix, value in samples)
 
-    family("edge_inference_requests_total", "counter", "Inference requests to the local API, by outcome.",
-           [(f'{{status="{s}"}}', requests.get(s, 0)) for s in ("ok", "error")])
+    def labels(*pairs: tuple[str, Any]) -> str:
+        return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in pairs) + "}"
+
+    counted = [(labels(("model", n), ("status", s)), requests.get(n, {}).get(s, 0))
+               for n in names for s in ("ok", "error")]
+    counted.append((labels(("status", "error")), requests.get(None, {}).get("error", 0)))
+    family("edge_inference_requests_total", "counter",
+           "Inference requests to the local API, by model and outcome (no model: refused before one was chosen).",
+           counted)
     family("edge_inference_errors_total", "counter", "Inferences the runtime failed (valid input).",
-           [("", model_errors)])
+           [(labels(("model", n)), stats[n][1]) for n in names])
     family("edge_inference_rejected_total", "counter", "Requests refused before the model ran (bad input).",
-           [("", rejected)])
-    buckets = [(f'_bucket{{le="{_num(b)}"}}', n)
-               for b, n in zip(LATENCY_BUCKETS_MS, hist.cumulative_at(LATENCY_BUCKETS_MS))]
-    family("edge_inference_latency_ms", "histogram", "Model run time of successful inferences since start.",
-           buckets + [('_bucket{le="+Inf"}', hist.count), ("_sum", hist.sum), ("_count", hist.count)])
-    quantiles = [(q, hist.percentile(q * 100)) for q in (0.5, 0.95, 0.99)]
+           [(labels(("model", n)), stats[n][2]) for n in names])
+    buckets: list[tuple[str, Any]] = []
+    for n in names:
+        hist = stats[n][0]
+        buckets.extend((f"_bucket{labels(('model', n), ('le', _num(b)))}", count)
+                       for b, count in zip(LATENCY_BUCKETS_MS, hist.cumulative_at(LATENCY_BUCKETS_MS)))
+        buckets.extend(((f"_bucket{labels(('model', n), ('le', '+Inf'))}", hist.count),
+                        (f"_sum{labels(('model', n))}", hist.sum), (f"_count{labels(('model', n))}", hist.count)))
+    family("edge_inference_latency_ms", "histogram", "Model run time of successful inferences since start.", buckets)
+    quantiles = [(labels(("model", n), ("quantile", q)), stats[n][0].percentile(q * 100))
+                 for n in names for q in (0.5, 0.95, 0.99)]
     family("edge_inference_latency_quantile_ms", "gauge", "Latency quantiles since start (within 0.5%).",
-           [(f'{{quantile="{q}"}}', v) for q, v in quantiles if v is not None])
-    family("edge_model_active", "gauge", "1 while a model is active.", [("", int(model is not None))])
-    if model is not None:
-        labels = ",".join(f'{k}="{_label(v)}"' for k, v in (
-            ("package", model.package_id), ("name", model.name), ("version", model.version),
-            ("variant", model.variant), ("provider", model.provider), ("runtime", model.runtime)))
-        family("edge_model_info", "gauge", "The active model.", [(f"{{{labels}}}", 1)])
+           [(suffix, v) for suffix, v in quantiles if v is not None])
+    family("edge_model_active", "gauge", "1 while at least one model is active.", [("", int(bool(active)))])
+    family("edge_models_active", "gauge", "Models active on this device.", [("", len(active))])
+    family("edge_model_info", "gauge", "The active models, one sample each.", [
+        (labels(("package", m.package_id), ("name", m.name), ("version", m.version), ("variant", m.variant),
+                ("provider", m.provider), ("runtime", m.runtime)), 1) for m in active.values()])
     if connections is not None:
         family("edge_api_connections", "gauge", "Open connections to the local API, by state.",
-               [(f'{{state="{s}"}}', connections.get(s, 0)) for s in ("idle", "busy")])
+               [(labels(("state", s)), connections.get(s, 0)) for s in ("idle", "busy")])
         family("edge_api_refused_total", "counter",
                "Connections the API closed on a limit (timeouts, too many connections).",
                [("", connections.get("refused", 0))])
@@ -239,6 +293,16 @@ def _encode_npz(outputs: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class InferAnswer:
+    """A successful inference's answer, and the model that gave it (for the request counters)."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+    model: str
+
+
 class _ByteBudget:
     """Bytes that may be held at once (request bodies); `take` waits up to a timeout for room."""
 
@@ -285,7 +349,7 @@ class ApiServer:
         self._status_fn = status_fn
         self._clock = clock
         self._started = clock()
-        self._counts = {"ok": 0, "error": 0}
+        self._counts: dict[str | None, dict[str, int]] = {}  # model name (None: none chosen) -> outcome -> n
         self._lock = threading.Lock()  # the request counters
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrency)
         self.body_budget = _ByteBudget(self.limits.max_buffered_bytes)
@@ -319,38 +383,63 @@ class ApiServer:
 
     def _route(self, exchange: Exchange) -> None:
         request = exchange.request
-        path = request.path
-        if request.method == "GET" and path in ("/v1/status", "/metrics"):
+        path, method = request.path, request.method
+        if method == "POST" and path == "/v1/infer":
+            self._infer(exchange, None)
+        elif method == "POST" and (segment := _model_segment(path, "/infer")) is not None:
+            self._infer(exchange, segment)
+        elif method == "GET" and (path in ("/v1/status", "/metrics", MODELS_PATH)
+                                  or _model_segment(path) is not None):
             try:
                 if path == "/v1/status":
                     exchange.send_json(200, self.status())
-                else:
+                elif path == "/metrics":
                     exchange.send(200, self.metrics().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-            except Disconnected:
+                elif path == MODELS_PATH:
+                    exchange.send_json(200, {"models": [describe(m) for m in self.model_host.models().values()]})
+                else:
+                    exchange.send_json(200, describe(self.named_model(_model_segment(path) or "")))
+            except (Disconnected, HttpError):
                 raise
             except Exception as exc:  # a status callback bug must not kill the connection silently
-                log.exception("GET %s failed", path)
+                log.exception("GET %s failed", path[:200])
                 raise HttpError(500, f"internal error: {' '.join(str(exc).split())[:200]}") from None
-        elif request.method == "POST" and path == "/v1/infer":
-            self._infer(exchange)
-        elif request.method in ("GET", "POST"):
-            raise HttpError(404, f"no such endpoint: {request.method} {path[:200]}")
+        elif method in ("GET", "POST"):
+            raise HttpError(404, f"no such endpoint: {method} {path[:200]}")
         else:
-            raise HttpError(501, f"method {request.method[:20]} is not supported", close=True)
+            raise HttpError(501, f"method {method[:20]} is not supported", close=True)
 
-    def _infer(self, exchange: Exchange) -> None:
+    def named_model(self, segment: str) -> ActiveModel:
+        """The active model a path segment names; 404 (listing the active ones) for any other
+        segment. Never echoes more than 64 characters of it."""
+        name = model_name(segment)
+        if name is None:
+            known = ", ".join(self.model_host.models()) or "none"
+            raise HttpError(404, f"no active model named {segment[:64]!r} (active: {known}); "
+                                 f"a model name is {ID_RULE}")
+        try:
+            return self.model_host.resolve(name)
+        except UnknownModelError as exc:
+            raise HttpError(404, str(exc)) from None
+
+    def _infer(self, exchange: Exchange, segment: str | None) -> None:
+        """One inference request; ``segment``: the model name from the path (None: /v1/infer)."""
         limits = self.limits
+        label: str | None = None  # the model the request is counted under
         try:
             length = exchange.content_length(limits.max_body_bytes)  # 411/413 before the body is read
             ctype = (exchange.request.header("content-type") or "").split(";", 1)[0].strip().lower()
             if ctype != "application/json" and ctype not in NPZ_TYPES:
                 raise HttpError(415, f"unsupported Content-Type {ctype[:60]!r}; "
                                      "use application/x-npz or application/json")
+            # Refuse a request no model can serve before holding its body (404/409/503).
+            label = self.named_model(segment).name if segment is not None else self._only_model().name
             with self.body_budget.take(length, limits.queue_timeout_s):
                 body = exchange.read_body(length)
                 with self.slot(limits.queue_timeout_s):
                     try:
-                        status, payload, out_type, headers = self.infer_request(ctype, body)
+                        # /v1/infer asks again at run time for the only model, which may have changed.
+                        answer = self.infer_request(ctype, body, label if segment is not None else None)
                     except HttpError:
                         raise
                     except Exception as exc:  # a bug, not the caller's fault: answer 500, keep the worker
@@ -358,10 +447,19 @@ class ApiServer:
                         raise HttpError(500, f"internal error: {type(exc).__name__}") from None
                     del body
         except Exception:
-            self.count(False)
+            self.count(False, label)
             raise
-        self.count(status == 200)  # before the answer goes out: a caller then sees its own count
-        exchange.send(status, payload, out_type, headers)
+        self.count(True, answer.model)  # before the answer goes out: a caller then sees its own count
+        exchange.send(200, answer.body, answer.content_type, answer.headers)
+
+    def _only_model(self) -> ActiveModel:
+        """What /v1/infer runs on: 503 with no model active, 409 with several."""
+        try:
+            return self.model_host.resolve(None)
+        except AmbiguousModelError as exc:
+            raise HttpError(409, str(exc)) from None
+        except NoModelError as exc:
+            raise HttpError(503, str(exc)) from None
 
     def host_allowed(self, value: str) -> bool:
         """Whether a Host header names this API: an allowed name and the bound port."""
@@ -377,13 +475,23 @@ class ApiServer:
         finally:
             self._slots.release()
 
-    def count(self, ok: bool) -> None:
+    def count(self, ok: bool, model: str | None = None) -> None:
+        """Count one inference request under ``model`` (None: refused before a model was chosen)."""
         with self._lock:
-            self._counts["ok" if ok else "error"] += 1
+            counts = self._counts.get(model)
+            if counts is None:
+                counts = self._counts[model] = {"ok": 0, "error": 0}
+            counts["ok" if ok else "error"] += 1
 
     def requests(self) -> dict[str, int]:
+        """Inference requests by outcome, all models together."""
         with self._lock:
-            return dict(self._counts)
+            return {outcome: sum(c[outcome] for c in self._counts.values()) for outcome in ("ok", "error")}
+
+    def requests_by_model(self) -> dict[str | None, dict[str, int]]:
+        """Inference requests by model name (None: refused before a model was chosen) and outcome."""
+        with self._lock:
+            return {name: dict(counts) for name, counts in self._counts.items()}
 
     def connections(self) -> dict[str, int]:
         """Open connections by state (``idle``: no request being served), and those refused on a limit."""
@@ -397,9 +505,10 @@ class ApiServer:
             except Exception as exc:  # the daemon's part failing must not hide the model's status
                 log.exception("status callback failed")
                 out["status_error"] = " ".join(str(exc).split()) or type(exc).__name__
-        model = self.model_host.active
+        models = self.model_host.models()  # one snapshot: "model" and "models" agree
         out.update({  # the daemon's callback cannot shadow these
-            "model": None if model is None else model.describe(),
+            "model": next(iter(models.values())).describe() if len(models) == 1 else None,
+            "models": {name: model.describe() for name, model in models.items()},
             "uptime_s": round(self._clock() - self._started, 3),
             "requests": self.requests(),
             "api": {"url": self.url, "max_body_bytes": self.limits.max_body_bytes,
@@ -408,14 +517,19 @@ class ApiServer:
         return out
 
     def metrics(self) -> str:
-        return render_metrics(self.model_host, self.requests(), self._clock() - self._started, _rss_bytes(),
-                              self.connections())
+        return render_metrics(self.model_host, self.requests_by_model(), self._clock() - self._started,
+                              _rss_bytes(), self.connections())
 
-    def infer_request(self, ctype: str, body: bytes | bytearray) -> tuple[int, bytes, str, dict[str, str]]:
-        """Decode, run and encode one inference (inside a `slot`): (status, body, content type, headers)."""
+    def infer_request(self, ctype: str, body: bytes | bytearray, model: str | None = None) -> InferAnswer:
+        """Decode, run and encode one inference on ``model`` (None: the only active one) inside a
+        `slot`; errors are `HttpError`."""
         feeds = _decode_json(body) if ctype == "application/json" else _decode_npz(body, self.limits.max_body_bytes)
         try:
-            result = self.model_host.infer_timed(feeds)
+            result = self.model_host.infer_timed(feeds, model)
+        except UnknownModelError as exc:  # unloaded while the body was read
+            raise HttpError(404, str(exc)) from None
+        except AmbiguousModelError as exc:  # a second model arrived while the body was read
+            raise HttpError(409, str(exc)) from None
         except NoModelError as exc:
             raise HttpError(503, str(exc)) from None
         except InvalidInputError as exc:
@@ -423,9 +537,10 @@ class ApiServer:
         except EdgeError as exc:  # InferenceFailedError: the runtime raised
             raise HttpError(500, str(exc)) from None
         del feeds
-        latency = {"X-Edge-Latency-Ms": f"{result.latency_ms:.3f}"}
+        release = result.model.release
+        headers = {"X-Edge-Latency-Ms": f"{result.latency_ms:.3f}", "X-Edge-Model": release}
         if ctype == "application/json":
             doc = {"outputs": {k: np.asarray(v).tolist() for k, v in result.outputs.items()},
-                   "latency_ms": round(result.latency_ms, 3)}
-            return 200, json.dumps(doc).encode("utf-8"), "application/json", latency
-        return 200, _encode_npz(result.outputs), "application/x-npz", latency
+                   "latency_ms": round(result.latency_ms, 3), "model": release}
+            return InferAnswer(json.dumps(doc).encode("utf-8"), "application/json", headers, result.model.name)
+        return InferAnswer(_encode_npz(result.outputs), "application/x-npz", headers, result.model.name)

@@ -172,7 +172,8 @@ def check_broker(cfg) -> str | None:  # noqa: ANN001 - AgentConfig
 @app.command()
 def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config YAML (for data_dir)."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """The active package, variant and provider, and the last selection's benchmark table."""
+    """Per model: the active release, variant and provider, its fallback, and its last selection's
+    benchmark table (with the interference measured beside the other models)."""
     from agent.config import load_config
 
     try:
@@ -189,28 +190,60 @@ def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
-    active = data.get("active")
+    models = data.get("models") or {}
+    if not models:
+        out.print("models: none active")
+    budget = data.get("memory_budget_mb")
+    if budget:
+        held = sum(float((m.get("active") or {}).get("resident_mb") or 0) for m in models.values())
+        out.print(f"memory: {held:.1f} MB of a {budget:g} MB budget held by the active models")
+    for name, entry in models.items():
+        _print_model(name, entry)
+
+
+def _print_model(name: str, entry: dict) -> None:
+    """One model's block: what is active, its fallback, its last error and its selection table."""
+    active, previous = entry.get("active"), entry.get("previous")
+    out.print()
     if active:
-        out.print(f"active: [bold]{active['name']} {active['version']}[/] ({active['package_id'][:12]}) — "
-                  f"variant {active['variant']} on {active['runtime']}:{active['provider']}")
+        memory = f", {active['resident_mb']:.1f} MB" if isinstance(active.get("resident_mb"), (int, float)) else ""
+        out.print(f"[bold]{active['name']}@{active['version']}[/] active ({active['package_id'][:12]}) — "
+                  f"variant {active['variant']} on {active['runtime']}:{active['provider']}{memory}")
     else:
-        out.print("active: none")
-    if data.get("last_error"):
-        out.print(f"[yellow]last error:[/] {data['last_error']}")
-    selection = data.get("last_selection") or {}
+        out.print(f"[bold]{name}[/]: not active")
+    if previous:
+        out.print(f"  fallback: {previous['package_id'][:12]} ({previous.get('variant', '—')})")
+    if entry.get("last_error"):
+        out.print(f"  [yellow]last error:[/] {entry['last_error']}")
+    selection = entry.get("last_selection") or {}
     if selection.get("table"):
-        table = Table(title="last selection (variant × provider)", box=box.SIMPLE_HEAD, show_edge=False,
-                      pad_edge=False)
-        for col in ("variant", "provider", "prec", "status", "p50 ms", "p95 ms", "runs", "health"):
-            table.add_column(col, no_wrap=True, justify="right" if col in ("p50 ms", "p95 ms", "runs") else "left")
+        beside = selection.get("neighbours") or []
+        title = f"{name}: last selection (variant × provider)"
+        if beside:
+            title += f", timed beside {', '.join(beside)}"
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        columns = ["variant", "provider", "status", "p50 ms", "p95 ms", "runs", "health", "MB"]
+        if beside:
+            columns[4:4] = ["alone ms", "×"]
+        for col in columns:
+            table.add_column(col, no_wrap=True, justify="left" if col in ("variant", "provider", "status",
+                                                                           "health") else "right")
         for row in selection["table"]:
-            table.add_row(row["variant"], _short(row["runtime"], row["provider"]), row.get("precision") or "",
-                          row["status"], _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
-                          {True: "pass", False: "FAIL", None: "—"}[row.get("health")])
+            cells = [row["variant"], _short(row["runtime"], row["provider"]),
+                     row["status"], _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
+                     {True: "pass", False: "FAIL", None: "—"}[row.get("health")], _mb(row.get("resident_mb"))]
+            if beside:
+                ratio = row.get("interference")
+                cells[4:4] = [_ms(row.get("p50_alone_ms")), "—" if ratio is None else f"{ratio:.2f}"]
+            table.add_row(*cells)
         out.print(table)
         for row in selection["table"]:
             if row.get("detail"):
                 out.print(f"[dim]{row['variant']} on {row['provider']}: {row['detail']}[/]")
+
+
+def _mb(value: float | None) -> str:
+    return "—" if not isinstance(value, (int, float)) else f"{value:.1f}"
 
 
 def _short(runtime: str, provider: str) -> str:

@@ -33,8 +33,14 @@ class ApiUnreachableError(ApiError):
     pass
 
 
+def _infer_path(model: str | None) -> str:
+    """``/v1/infer`` (the only active model) or ``/v1/models/{model}/infer``."""
+    return "/v1/infer" if model is None else f"/v1/models/{urllib.parse.quote(model, safe='')}/infer"
+
+
 class EdgeClient:
-    """``EdgeClient().infer({"x": arr})`` -> outputs by name. Every call is bounded by ``timeout_s``.
+    """``EdgeClient().infer({"x": arr})`` -> outputs by name; ``infer(feeds, model="detector")`` runs
+    a named model where several are active. Every call is bounded by ``timeout_s``.
 
     Each thread keeps one HTTP/1.1 connection open (a new TCP connection per call cost 1–2.5 ms
     on the benchmark host); a kept connection the server has closed is reopened once. The server
@@ -97,22 +103,41 @@ class EdgeClient:
             return raw, response.getheader("Content-Type", "")
         raise ApiUnreachableError(f"{method} {self.url}{path}: the server closed the connection twice")
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the active model on ``feeds`` (sent as npz, dtypes kept); outputs by name."""
+    def infer(self, feeds: Mapping[str, np.ndarray], model: str | None = None) -> dict[str, np.ndarray]:
+        """Run model ``model`` (None: the only active one) on ``feeds`` (sent as npz, dtypes kept);
+        outputs by name. ApiError 404 if no active model has that name, 409 if ``model`` is None
+        and several are active."""
         buf = io.BytesIO()
         np.savez(buf, **{name: np.asarray(value) for name, value in feeds.items()})
-        raw, _ = self._call("POST", "/v1/infer", buf.getvalue(), "application/x-npz")
+        path = _infer_path(model)
+        raw, _ = self._call("POST", path, buf.getvalue(), "application/x-npz")
         try:
             return read_npz(io.BytesIO(raw))
         except (ValueError, OSError, EOFError) as err:
-            raise ApiError(f"POST /v1/infer: response is not an npz file: {err}") from None
+            raise ApiError(f"POST {path}: response is not an npz file: {err}") from None
 
-    def infer_json(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def infer_json(self, inputs: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
         """Same, as JSON: ``inputs`` values are nested lists (or arrays); returns
-        ``{"outputs": {name: nested lists}, "latency_ms": float}``."""
+        ``{"outputs": {name: nested lists}, "latency_ms": float, "model": "name@version"}``."""
         doc = {"inputs": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}}
-        raw, _ = self._call("POST", "/v1/infer", json.dumps(doc).encode("utf-8"), "application/json")
-        return self._json(raw, "/v1/infer")
+        path = _infer_path(model)
+        raw, _ = self._call("POST", path, json.dumps(doc).encode("utf-8"), "application/json")
+        return self._json(raw, path)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The active models, sorted by name: each one's name, version, release, package_id,
+        variant, provider, runtime, inputs and outputs."""
+        raw, _ = self._call("GET", "/v1/models")
+        models = self._json(raw, "/v1/models").get("models")
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise ApiError('/v1/models: response has no "models" list')
+        return models
+
+    def model(self, name: str) -> dict[str, Any]:
+        """One active model's description; ApiError 404 if no active model has that name."""
+        path = f"/v1/models/{urllib.parse.quote(name, safe='')}"
+        raw, _ = self._call("GET", path)
+        return self._json(raw, path)
 
     def status(self) -> dict[str, Any]:
         raw, _ = self._call("GET", "/v1/status")

@@ -28,7 +28,7 @@ DEFAULT_DATA_DIR = "/var/lib/edge-agent"
 
 KEYS = ("device_id", "fleet", "broker", "tls", "username", "password", "password_file", "data_dir",
         "trusted_keys", "fleet_keys", "trust_root", "labels", "api", "telemetry_interval_s", "selection_budget_s", "target",
-        "spool_max_windows", "stall_timeout_s", "log_level")
+        "memory_budget_mb", "undeploy_grace_s", "spool_max_windows", "stall_timeout_s", "log_level")
 TLS_KEYS = ("ca", "cert", "key")
 
 
@@ -59,6 +59,10 @@ class AgentConfig:
     telemetry_interval_s: float = 60.0
     selection_budget_s: float = 30.0
     target: str | None = None  # built-in name or resolved profile path; None: detect from hardware
+    # Resident memory all active models may take together (MB); None: the target profile's
+    # budgets.max_memory_mb (no limit without a profile).
+    memory_budget_mb: float | None = None
+    undeploy_grace_s: float = 24 * 3600.0  # an undeployed model's files stay this long
     spool_max_windows: int = 10000
     stall_timeout_s: float = 60.0
     log_level: str = "info"
@@ -167,7 +171,11 @@ def parse_config(data: Any, source: str, base_dir: Path) -> AgentConfig:
         api=api,
         telemetry_interval_s=check.positive("telemetry_interval_s", data.get("telemetry_interval_s", 60)),
         selection_budget_s=check.positive("selection_budget_s", data.get("selection_budget_s", 30)),
-        target=target, spool_max_windows=check.count("spool_max_windows", data.get("spool_max_windows", 10000)),
+        target=target,
+        memory_budget_mb=(None if data.get("memory_budget_mb") is None
+                          else check.positive("memory_budget_mb", data["memory_budget_mb"])),
+        undeploy_grace_s=check.positive("undeploy_grace_s", data.get("undeploy_grace_s", 24 * 3600)),
+        spool_max_windows=check.count("spool_max_windows", data.get("spool_max_windows", 10000)),
         stall_timeout_s=check.positive("stall_timeout_s", data.get("stall_timeout_s", 60)),
         log_level=log_level, source=source, public_keys=tuple(public_keys), target_profile=profile,
         fleet_public_keys=tuple(fleet_public), trust_root_bytes=root_bytes,

@@ -1,9 +1,10 @@
 """The `edge-agent run` daemon: MQTT wiring, the install worker, telemetry windows, the local API.
 
 Threads: paho's network loop (connects, reconnects with backoff — also when the broker is down
-at start), one install worker fed by retained `desired` messages (the newest wins), one
-telemetry loop (roll a window → spool it on disk → flush the spool in order while connected),
-and the HTTP API. The broker connection, the hardware probe, the providers, the session factory
+at start), one install worker fed by the retained `desired/{name}` statements (per model name the
+newest wins; names are installed one at a time, in arrival order, while every other model keeps
+serving), one telemetry loop (roll one window per model → spool it on disk → flush the spool in
+order while connected), and the HTTP API. The broker connection, the hardware probe, the providers, the session factory
 and the clock are constructor parameters so tests can inject faults; integration tests run it
 against a real Mosquitto.
 """
@@ -24,8 +25,8 @@ from typing import Any
 from edgesdk import __version__
 from edgesdk.broker import BrokerConfig, JitteredBackoff, TlsConfig, Will, make_client, parse_broker_url
 from edgesdk.errors import EdgeError, ProtocolError, TrustError, describe_os_error
-from edgesdk.protocol import (DeviceState, InstallEvent, InstallEventKind, SignedStatement, device_desired,
-                              device_events, device_state, device_telemetry, trust_root_topic)
+from edgesdk.protocol import (DeviceState, InstallEvent, InstallEventKind, SignedStatement, device_desired_filter,
+                              device_events, device_state, device_telemetry, parse_desired_name, trust_root_topic)
 from edgesdk.trustroot import parse_root_chain
 
 from agent.api import ApiServer, parse_address
@@ -43,6 +44,7 @@ log = logging.getLogger("edge-agent")
 PUBLISH_TIMEOUT_S = 10.0  # every wait for a PUBACK is bounded (a dead broker must not hang us)
 # A stalled download is retried after a jittered delay growing from RETRY_MIN_S to RETRY_MAX_S.
 RETRY_MIN_S, RETRY_MAX_S = 30.0, 900.0
+GC_INTERVAL_S = 600.0  # how often the idle install worker frees the disk of undeployed models
 
 
 def guarded(where: str) -> Callable:
@@ -108,13 +110,15 @@ class Agent:
                                     clock=clock)
         self.installer = Installer(self.store, self.host, lambda: self.guard.release_keys, self.hardware, self.available,
                                    self._emit, profile=config.target_profile, budget_s=config.selection_budget_s,
-                                   session_factory=session_factory, clock=clock)
+                                   session_factory=session_factory, clock=clock,
+                                   memory_budget_mb=config.memory_budget_mb,
+                                   undeploy_grace_s=config.undeploy_grace_s)
         host, port = parse_address(config.api)
         self.api = ApiServer(host, port if api_port is None else api_port, self.host, self.status)
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self._desired: queue.Queue[Accepted | None] = queue.Queue()
-        self._last_refused: SignedStatement | None = None
+        self._last_refused: dict[str, SignedStatement] = {}  # per model name
         self._flush_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
@@ -124,7 +128,7 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
-        self.client.message_callback_add(device_desired(config.fleet, config.device_id), self._on_desired)
+        self.client.message_callback_add(device_desired_filter(config.fleet, config.device_id), self._on_desired)
         self.client.message_callback_add(trust_root_topic(config.fleet), self._on_trust_root)
         self.client.on_message = self._on_other_message
         self.fetcher = PackageFetcher(self.client, config.fleet, config.device_id, data,
@@ -133,9 +137,9 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Restore the active model, serve the API, and start connecting (non-blocking)."""
-        for kind, package_id, reason in self.installer.restore():
+        for kind, package_id, reason, name in self.installer.restore():
             log.warning("%s", reason)
-            self._emit(kind, package_id, reason=reason)
+            self._emit(kind, package_id, reason=reason, model=name or None)
         self.api.start()
         log.info("local API on %s", self.api.url)
         self.client.loop_start()  # paho's thread connects and reconnects (broker down at start included)
@@ -159,9 +163,10 @@ class Agent:
             self.client.disconnect()
         self.client.loop_stop()
         self.api.stop()
-        model = self.host.swap(None)
-        if model is not None:
-            model.session.close()
+        for name in self.host.models():
+            model = self.host.swap(name, None)
+            if model is not None:
+                model.session.close()
 
     def run_forever(self, stop: threading.Event) -> None:
         self.start()
@@ -179,7 +184,7 @@ class Agent:
             return
         self.backoff.connected()
         cfg = self.config
-        client.subscribe(device_desired(cfg.fleet, cfg.device_id), qos=1)
+        client.subscribe(device_desired_filter(cfg.fleet, cfg.device_id), qos=1)
         if self.guard.root is not None:
             client.subscribe(trust_root_topic(cfg.fleet), qos=1)
         client.publish(device_state(cfg.fleet, cfg.device_id), self._state(online=True).to_json(), qos=1, retain=True)
@@ -205,36 +210,50 @@ class Agent:
 
     @guarded("on_desired")
     def _on_desired(self, client: Any, userdata: Any, message: Any) -> None:
+        name = parse_desired_name(self.config.fleet, self.config.device_id, message.topic)
+        if name is None:
+            self._refuse("", f"{message.topic[:200]}: not a desired/{{model name}} topic")
+            return
         if not message.payload:
-            return  # a cleared retained message: nothing desired
+            # A cleared retained message. It is unsigned (anyone who may write the topic can send
+            # one), so it changes nothing: a model goes only with a signed undeploy statement.
+            log.info("desired statement for %s cleared on the broker; the device keeps what it runs", name)
+            return
         try:
             signed = SignedStatement.from_json(message.payload, topic=message.topic)
         except ProtocolError as exc:
-            self._refuse("", str(exc))
+            self._refuse("", str(exc), name)
+            return
+        if signed.statement.name != name:
+            # Filed under another model's topic, it would hide that model's real statement.
+            self._refuse(signed.statement.package_id, f"misfiled statement refused: it is for model "
+                                                      f"{signed.statement.name!r} but arrived on desired/{name}", name)
             return
         self._consider(signed)
 
     def _consider(self, signed: SignedStatement) -> None:
         """Queue ``signed`` for install if the guard accepts it, else report the refusal. The last
-        refused statement is kept: `desired` and `trust/root` are both retained and may arrive in
-        either order, so a statement signed by a newly rotated fleet key is looked at again once
-        the root that names the key has arrived."""
+        refused statement of each name is kept: `desired` and `trust/root` are both retained and
+        may arrive in either order, so a statement signed by a newly rotated fleet key is looked at
+        again once the root that names the key has arrived."""
+        statement = signed.statement
         try:
             accepted = self.guard.accept(signed, self.installer.active_version)
         except EdgeError as exc:  # TrustError; StorageError when the serial cannot be recorded
-            self._last_refused = signed
-            self._refuse(signed.statement.package_id, str(exc))
+            self._last_refused[statement.name] = signed
+            self._refuse(statement.package_id, str(exc), statement.name)
             return
-        self._last_refused = None
+        self._last_refused.pop(statement.name, None)
         if not accepted.redelivered:
-            log.info("accepted statement serial %d for %s %s (signed by %s)", signed.statement.serial,
-                     signed.statement.name, signed.statement.version, accepted.fleet_key)
+            action = "undeploy" if statement.undeploy else f"{statement.name}@{statement.version}"
+            log.info("accepted statement serial %d for %s (signed by %s)", statement.serial, action,
+                     accepted.fleet_key)
         self._desired.put(accepted)
 
-    def _refuse(self, package_id: str, reason: str) -> None:
+    def _refuse(self, package_id: str, reason: str, name: str | None = None) -> None:
         self.refused[reason.split(":")[0][:40]] += 1
         log.warning("refused desired statement: %s", reason)
-        self._emit(InstallEventKind.REFUSED, package_id, reason=reason[:500])
+        self._emit(InstallEventKind.REFUSED, package_id, reason=reason[:500], model=name)
 
     @guarded("on_trust_root")
     def _on_trust_root(self, client: Any, userdata: Any, message: Any) -> None:
@@ -247,8 +266,8 @@ class Agent:
             return
         if updated:
             self._emit(InstallEventKind.VERIFIED, "", extra={"trust_root_version": self.guard.root.version})
-            if self._last_refused is not None:
-                self._consider(self._last_refused)
+            for signed in list(self._last_refused.values()):
+                self._consider(signed)
 
     @guarded("on_message")
     def _on_other_message(self, client: Any, userdata: Any, message: Any) -> None:
@@ -256,29 +275,69 @@ class Agent:
 
     # -- workers -----------------------------------------------------------------------------
     def _install_loop(self) -> None:
-        retry: Accepted | None = None
-        attempts = 0
+        """Install what arrives, one statement at a time: per model name only the newest statement
+        counts; a stalled download is retried after a jittered, growing delay (unless a newer
+        statement for its name arrives first); when idle, free the disk of undeployed models."""
+        pending: dict[str, Accepted] = {}  # name -> newest statement not yet handled, in arrival order
+        retries: dict[str, tuple[Accepted, int, float]] = {}  # name -> (statement, attempts, due monotonic)
+        next_gc = time.monotonic() + GC_INTERVAL_S
         while not self.stopping.is_set():
-            timeout = None
-            if retry is not None:
-                cap = min(self.retry_delays[1], self.retry_delays[0] * 2 ** max(attempts - 1, 0))
-                timeout = cap * random.uniform(0.5, 1.0)
-                log.info("retrying the download of %s in %.1f s", retry.signed.statement.package_id[:12], timeout)
-            try:
-                item = self._desired.get(timeout=timeout)
-            except queue.Empty:
-                item = retry  # nothing newer arrived: try the same statement again
-            while not self._desired.empty():  # only the newest desired state matters
-                item = self._desired.get_nowait() or item
-            if item is None or self.stopping.is_set():
-                return
-            if item is not retry:
-                attempts = 0
-            outcome = self._install_one(item)
+            now = time.monotonic()
+            due = [name for name, (_, _, at) in retries.items() if at <= now]
+            for name in due:
+                pending.setdefault(name, retries[name][0])
+            if not pending:
+                wake = min([at for _, _, at in retries.values()] + [next_gc])
+                try:
+                    item = self._desired.get(timeout=max(0.0, wake - now))
+                except queue.Empty:
+                    item = False
+                if item is None or self.stopping.is_set():
+                    return
+                if item:
+                    self._take(item, pending, retries)
+            while not self._desired.empty():  # only the newest statement per name matters
+                item = self._desired.get_nowait()
+                if item is None:
+                    return
+                self._take(item, pending, retries)
+            if not pending:
+                if time.monotonic() >= next_gc:
+                    next_gc = time.monotonic() + GC_INTERVAL_S
+                    self._collect_garbage()
+                continue
+            name = next(iter(pending))
+            accepted = pending.pop(name)
+            prior = retries.pop(name, None)
+            attempts = prior[1] if prior is not None and prior[0] is accepted else 0
+            outcome = self._install_one(accepted)
             if outcome is InstallOutcome.RETRY:
-                retry, attempts = item, attempts + 1
-            else:
-                retry = None
+                attempts += 1
+                cap = min(self.retry_delays[1], self.retry_delays[0] * 2 ** max(attempts - 1, 0))
+                delay = cap * random.uniform(0.5, 1.0)
+                log.info("retrying the download of %s in %.1f s", accepted.signed.statement.package_id[:12], delay)
+                retries[name] = (accepted, attempts, time.monotonic() + delay)
+            self._prune_downloads(retries)
+
+    @staticmethod
+    def _take(item: Accepted, pending: dict[str, Accepted], retries: dict[str, tuple[Accepted, int, float]]) -> None:
+        name = item.signed.statement.name
+        pending.pop(name, None)  # re-insert: the newest statement of a name goes last in line
+        pending[name] = item
+        if name in retries and retries[name][0] is not item:
+            del retries[name]  # a newer statement replaces the one waiting for its retry
+
+    @guarded("install")
+    def _prune_downloads(self, retries: dict[str, tuple[Accepted, int, float]]) -> None:
+        """A finished or refused download leaves nothing behind; a stalled one is kept for its retry,
+        which resumes it."""
+        self.fetcher.prune({accepted.signed.statement.package_id for accepted, _, _ in retries.values()})
+
+    @guarded("gc")
+    def _collect_garbage(self) -> None:
+        removed = self.installer.collect_garbage()
+        if removed:
+            log.info("freed the disk of %d undeployed version(s)", len(removed))
 
     @guarded("install")
     def _install_one(self, accepted: Accepted) -> InstallOutcome | None:
@@ -286,13 +345,14 @@ class Agent:
         try:
             statement.check_addressed(self.config.fleet, self.config.device_id, self.clock())  # still valid?
         except TrustError as exc:
-            self._refuse(statement.package_id, str(exc))
+            self._refuse(statement.package_id, str(exc), statement.name)
             return None
-        outcome = self.installer.install(statement, self._fetch)
+        if statement.undeploy:
+            self.installer.undeploy(statement.name, statement.rollout_id)
+            outcome = InstallOutcome.ACTIVE
+        else:
+            outcome = self.installer.install(statement, self._fetch)
         self._publish_state()
-        if outcome is not InstallOutcome.RETRY:
-            self.fetcher.prune(set())  # a finished or refused download leaves nothing behind; a
-            # stalled one is kept for the retry, which resumes it
         return outcome
 
     def _fetch(self, statement: Any, progress: Callable[[float], None]) -> Any:
@@ -314,10 +374,9 @@ class Agent:
     def _telemetry_step(self, roll: bool) -> None:
         """Roll a window (when due) into the spool, then flush the spool while connected."""
         if roll:
-            model = self.host.active
-            window = self.recorder.roll(context=model.context if model else None,
-                                        dropped_windows=self.spool.dropped_count)
-            if window is not None:
+            windows = self.recorder.roll(contexts=[m.context for m in self.host.models().values()],
+                                         dropped_windows=self.spool.dropped_count)
+            for window in windows:
                 self.spool.append(window.seq, window.to_json())
         if self.connected.is_set():
             self.spool.flush(self._publish_telemetry, timeout_s=PUBLISH_TIMEOUT_S)
@@ -340,7 +399,8 @@ class Agent:
         self.client.publish(device_events(self.config.fleet, self.config.device_id), event.to_json(), qos=1)
 
     def _state(self, online: bool) -> DeviceState:
-        model = self.host.active
+        models = self.host.models()
+        model = self.host.active  # the legacy single-model fields: only when exactly one is active
         hw = self.hardware
         return DeviceState(
             device_id=self.config.device_id, online=online, agent_version=__version__,
@@ -348,6 +408,8 @@ class Agent:
             hardware={"arch": hw.arch, "cpu": hw.cpu_model, "cores": hw.cpu_count, "ram_mb": hw.ram_mb,
                       "board": hw.board},
             runtimes={rt: {"version": hw.runtimes.get(rt), "providers": provs} for rt, provs in self.available.items()},
+            models=[{"name": m.name, "version": m.version, "package_id": m.package_id, "variant": m.variant,
+                     "provider": m.provider, "runtime": m.runtime} for m in models.values()],
             active_package=model.package_id if model else None, active_variant=model.variant if model else None,
             provider=model.provider if model else None, updated_at=self.clock())
 
@@ -357,10 +419,14 @@ class Agent:
                                 self._state(online=True).to_json(), qos=1, retain=True)
 
     def status(self) -> dict[str, Any]:
-        return self.installer.status() | {
+        """The daemon's part of /v1/status: the installer's per-model records under "installs" (the
+        API's "models" describes what serves), the connection, statements and telemetry."""
+        installs = self.installer.status()
+        installs["installs"] = installs.pop("models")
+        return installs | {
             "device_id": self.config.device_id, "fleet": self.config.fleet, "broker": self.broker.url,
             "connected": self.connected.is_set(), "errors_caught": dict(self.errors),
-            "statements": {"last_serial": self.guard.last_serial, "refused": dict(self.refused),
+            "statements": {"serials": self.guard.serials(), "refused": dict(self.refused),
                            "trust_root_version": self.guard.root.version if self.guard.root else None},
             "telemetry": {
                 "next_seq": self.recorder.next_seq, "spooled": len(self.spool.pending()),

@@ -1,7 +1,12 @@
-"""The install sequence (DESIGN §6): fetch → verify → extract → check target → select → activate.
+"""The install sequence (DESIGN §6): fetch → verify → extract → check target → select → check the
+memory budget → activate; per model name, as many names as the device holds.
 
-Any failure leaves the previous version active and serving, and is reported as one `failed`
-event with a one-line reason. The fetch is a parameter (the daemon passes its MQTT transfer;
+Each install concerns one model name: its versions, its fallback, its selection cache and its
+events (``model``); the other active models keep serving throughout, and the new model's
+candidates are timed beside them (`agent.neighbours`). Any failure leaves the name's previous
+version active and serving, and is reported as one `failed` event with a one-line reason. An
+install whose resident memory, added to the other models', would exceed the device's budget is
+refused before the switch, with the numbers. The fetch is a parameter (the daemon passes its MQTT transfer;
 tests can pass a local copy), and so are the hardware facts, the providers and the session
 factory, so every step can be driven with faults injected.
 """
@@ -26,6 +31,7 @@ from edgesdk.protocol import DeploymentStatement, InstallEventKind
 
 from agent.hardware import HardwareInfo, check_target
 from agent.model_host import ActiveModel, ModelHost, prepare_feeds
+from agent.neighbours import Neighbour
 from agent.selection import Selection, cache_key, load_reference, select
 from agent.store import VersionStore
 
@@ -33,6 +39,7 @@ EmitFn = Callable[..., None]  # emit(kind: InstallEventKind, package_id: str, **
 FetchFn = Callable[[DeploymentStatement, Callable[[float], None]], Path]
 KeysFn = Callable[[], list]  # the release keys trusted now (a trust root may rotate them)
 DRAIN_TIMEOUT_S = 10.0
+UNDEPLOY_GRACE_S = 24 * 3600.0  # an undeployed model's files stay this long (a redeploy needs no download)
 # Written into a version's folder after its .edgepkg bytes were checked against the package id,
 # so a version folder can later be tied to the statement that names it (mix-and-match check).
 ORIGIN_NAME = ".edgesdk-origin.json"
@@ -47,51 +54,63 @@ class InstallOutcome(enum.Enum):
 
 
 class Installer:
-    """Owns the version store and the model host's active model."""
+    """Owns the version store and the model host's active models."""
 
     def __init__(self, store: VersionStore, host: ModelHost, trusted_keys: list | KeysFn, hardware: HardwareInfo,
                  available: dict[str, list[str]], emit: EmitFn, *, profile: TargetProfile | None = None,
                  budget_s: float = 30.0, session_factory: Callable[..., Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, memory_budget_mb: float | None = None,
+                 undeploy_grace_s: float = UNDEPLOY_GRACE_S, rss_probe: Callable[[], int | None] | None = None) -> None:
         self.store, self.host = store, host
         self._release_keys: KeysFn = trusted_keys if callable(trusted_keys) else (lambda keys=list(trusted_keys): keys)
         self.hardware, self.available, self.emit = hardware, available, emit
         self.profile, self.budget_s, self.session_factory, self.clock = profile, budget_s, session_factory, clock
+        if memory_budget_mb is None and profile is not None:
+            memory_budget_mb = profile.budgets.max_memory_mb
+        self.memory_budget_mb = memory_budget_mb
+        self.undeploy_grace_s = undeploy_grace_s
+        self.rss_probe = rss_probe
         self.status_path = store.data_dir / "status.json"
-        self.last_selection: dict[str, Any] | None = None
-        self.last_error: str | None = None
+        self.last_selection: dict[str, dict[str, Any]] = {}  # per model name
+        self.last_error: dict[str, str] = {}  # per model name: the last install failure, until one succeeds
 
     # -- start-up ------------------------------------------------------------------------------
-    def restore(self) -> list[tuple[InstallEventKind, str, str]]:
-        """At start: repair the store after a crash, then load and health-check the active version.
+    def restore(self) -> list[tuple[InstallEventKind, str, str, str]]:
+        """At start: repair the store after a crash, then load and health-check each name's active
+        version (one name failing never keeps another from starting).
 
-        Returns what happened as (event kind, package id, reason) for the daemon to report.
+        Returns what happened as (event kind, package id, reason, model name) for the daemon to report.
         """
         # What recovery did, as events: a broken active version rolled back; an install a crash
         # interrupted, a state reset, a forgotten fallback as failed; housekeeping is only logged.
         report = [(InstallEventKind.ROLLED_BACK if note.kind == "rolled_back" else InstallEventKind.FAILED,
-                   note.package_id, note.reason) for note in self.store.recover() if note.kind != "cleaned"]
+                   note.package_id, note.reason, note.name) for note in self.store.recover() if note.kind != "cleaned"]
+        for name in self.store.names():
+            report += self._restore_one(name)
+        self._write_status()
+        return report
+
+    def _restore_one(self, name: str) -> list[tuple[InstallEventKind, str, str, str]]:
+        report = []
         for _ in range(2):  # the active version, then (if it no longer passes) the previous one
-            active = self.store.active()
+            active = self.store.active(name)
             if not active:
                 break
             package_id = active["package_id"]
             try:
                 manifest = self._manifest(package_id)
-                selection = self._select(package_id, manifest, cached=active)
-                self._serve(package_id, manifest, selection)
-                self._write_status()
+                selection = self._select(name, package_id, manifest, cached=active)
+                self._serve(name, package_id, manifest, selection)
                 return report
             except EdgeError as exc:
-                self.last_error = f"active version {package_id[:12]} no longer starts: {exc}"
-                report.append((InstallEventKind.FAILED, package_id, self.last_error))
+                self.last_error[name] = f"active version {name} {package_id[:12]} no longer starts: {exc}"
+                report.append((InstallEventKind.FAILED, package_id, self.last_error[name], name))
                 try:
-                    self.store.rollback()
+                    self.store.rollback(name)
                 except InstallError:
                     break
-                back = self.store.active()["package_id"]
-                report.append((InstallEventKind.ROLLED_BACK, back, f"rolled back to {back[:12]}"))
-        self._write_status()
+                back = self.store.active(name)["package_id"]
+                report.append((InstallEventKind.ROLLED_BACK, back, f"{name}: rolled back to {back[:12]}", name))
         return report
 
     # -- the install sequence ------------------------------------------------------------------
@@ -101,16 +120,16 @@ class Installer:
 
     def active_version(self, name: str) -> str | None:
         """The version of package ``name`` this device runs (None: it runs no such package)."""
-        model = self.host.active
-        return model.version if model is not None and model.name == name else None
+        model = self.host.get(name)
+        return model.version if model is not None else None
 
     def install(self, statement: DeploymentStatement, fetch: FetchFn) -> InstallOutcome:
         """Install what ``statement`` names. Failures are reported (one `failed` event), never raised."""
-        pid, rollout = statement.package_id, statement.rollout_id
-        active = self.store.active()
-        if active and active["package_id"] == pid and self.host.active is not None:
+        pid, rollout, name = statement.package_id, statement.rollout_id, statement.name
+        active = self.store.active(name)
+        if active and active["package_id"] == pid and self.host.get(name) is not None:
             return InstallOutcome.ACTIVE
-        emit = lambda kind, **kw: self.emit(kind, pid, rollout_id=rollout, **kw)  # noqa: E731
+        emit = lambda kind, **kw: self.emit(kind, pid, rollout_id=rollout, model=name, **kw)  # noqa: E731
         try:
             # A version folder is used only if it can be tied to the package id (its origin
             # record); one left by an older agent or poisoned is fetched and verified again
@@ -123,23 +142,52 @@ class Installer:
             manifest = self._manifest(pid)
             self._check_statement_matches(statement, manifest)
             self._check_target(manifest)
-            selection = self._select(pid, manifest, cached=None)
+            selection = self._select(name, pid, manifest, cached=None)
+            try:
+                self._check_memory(name, manifest, selection)
+            except InstallError:
+                selection.session.close()
+                raise
             emit(InstallEventKind.SELECTED, table=[r.to_dict() for r in selection.table],
                  extra={"variant": selection.chosen.variant, "provider": selection.chosen.provider,
-                        "from_cache": selection.from_cache})
+                        "from_cache": selection.from_cache, "neighbours": list(selection.neighbours),
+                        "resident_mb": selection.resident_mb})
             emit(InstallEventKind.HEALTH_CHECKED)
-            self._activate(pid, manifest, selection, emit)
+            self._activate(name, pid, manifest, selection, emit)
             return InstallOutcome.ACTIVE
         except TransferStalledError as exc:
-            self.last_error = f"{pid[:12]}: {exc}"
+            self.last_error[name] = f"{name} {pid[:12]}: {exc}"
             emit(InstallEventKind.FAILED, reason=f"{exc} (will retry)", extra={"retry": True})
             self._write_status()
             return InstallOutcome.RETRY
         except EdgeError as exc:
-            self.last_error = f"{pid[:12]}: {exc}"
+            self.last_error[name] = f"{name} {pid[:12]}: {exc}"
             emit(InstallEventKind.FAILED, reason=str(exc))
             self._write_status()
             return InstallOutcome.FAILED
+
+    def undeploy(self, name: str, rollout_id: str | None = None) -> None:
+        """Unload model ``name`` (its requests in flight finish first) and forget its versions; their
+        files go after the grace period (`collect_garbage`). Reported as one `undeployed` event;
+        nothing to do for a name not installed (reported the same, so the operator's wait ends)."""
+        old = self.host.swap(name, None)
+        if old is not None:
+            self.host.drain(old, DRAIN_TIMEOUT_S)
+            old.session.close()
+        freed = self.store.deactivate(name)
+        self.last_selection.pop(name, None)
+        self.last_error.pop(name, None)
+        self.emit(InstallEventKind.UNDEPLOYED, old.package_id if old else "", model=name, rollout_id=rollout_id,
+                  extra={"freed_after_s": self.undeploy_grace_s, "versions": freed})
+        self._write_status()
+        self.collect_garbage()
+
+    def collect_garbage(self) -> list[str]:
+        """Remove versions no name uses any more (undeployed ones once their grace period is over)."""
+        try:
+            return self.store.gc(keep=2, grace_s=self.undeploy_grace_s)
+        except (EdgeError, OSError):
+            return []
 
     def _download_and_extract(self, statement: DeploymentStatement, fetch: FetchFn, emit: Callable[..., None]) -> None:
         pid = statement.package_id
@@ -198,33 +246,33 @@ class Installer:
                 raise TrustError(f"mix-and-match refused: the statement names {field} {said!r}, the package "
                                  f"is {got!r}")
 
-    def _activate(self, pid: str, manifest: Manifest, selection: Selection, emit: Callable[..., None]) -> None:
-        old = self._serve(pid, manifest, selection)
+    def _activate(self, name: str, pid: str, manifest: Manifest, selection: Selection,
+                  emit: Callable[..., None]) -> None:
+        old = self._serve(name, pid, manifest, selection)
         record = self._selection_record(selection)
         try:
-            self.store.activate(pid, record)
-            self._smoke_test(pid, manifest)
+            self.store.activate(name, pid, record)
+            self._smoke_test(name, pid, manifest)
         except EdgeError as exc:
             # Back to what served before: the old model object is still loaded.
-            new = self.host.swap(old)
+            new = self.host.swap(name, old)
             if new is not None:
                 new.session.close()
             with contextlib.suppress(InstallError):
-                if (self.store.active() or {}).get("package_id") == pid:
-                    self.store.rollback()
+                if (self.store.active(name) or {}).get("package_id") == pid:
+                    self.store.rollback(name)
             emit(InstallEventKind.ROLLED_BACK, reason=f"new version failed after the switch: {exc}")
             raise InstallError(f"activation failed and was rolled back: {exc}") from None
         if old is not None and old.session is not selection.session:
             self.host.drain(old, DRAIN_TIMEOUT_S)
             old.session.close()
-        self.last_error = None
+        self.last_error.pop(name, None)
         emit(InstallEventKind.ACTIVATED, extra={"variant": selection.chosen.variant,
                                                 "provider": selection.chosen.provider})
         self._write_status()
-        with contextlib.suppress(EdgeError, OSError):
-            self.store.gc(keep=2)
+        self.collect_garbage()
 
-    def _smoke_test(self, pid: str, manifest: Manifest) -> None:
+    def _smoke_test(self, name: str, pid: str, manifest: Manifest) -> None:
         """One inference on the now-active model, on a reference input, after the switch.
 
         On its session, with the feeds checked as a request's are, but not through
@@ -232,7 +280,7 @@ class Installer:
         agent's own, not an application's request (the fleet would count one per install).
         """
         ref_in, _ = load_reference(self.store.install_dir(pid), manifest)
-        model = self.host.active
+        model = self.host.get(name)
         if model is None or model.package_id != pid:
             raise InstallError(f"version {pid[:12]} is not the active model after the switch")
         try:
@@ -266,16 +314,51 @@ class Installer:
         if problems:
             raise InstallError(f"package target {manifest.target} does not fit this device: {problems[0]}")
 
-    def _select(self, pid: str, manifest: Manifest, cached: dict | None) -> Selection:
+    def _check_memory(self, name: str, manifest: Manifest, selection: Selection) -> None:
+        """Refuse, before the switch, an install that would take the models past the memory budget.
+        The version it replaces does not count (it is unloaded after the switch)."""
+        budget = self.memory_budget_mb
+        need = selection.resident_mb
+        if budget is None or need is None:
+            return
+        others = {n: self._resident_mb(m) for n, m in self.host.models().items() if n != name}
+        used = sum(others.values())
+        if used + need > budget:
+            held = ", ".join(f"{n} {mb:.1f} MB" for n, mb in others.items()) or "no other model"
+            raise InstallError(f"memory budget refused {manifest.name}@{manifest.version} "
+                               f"({selection.chosen.variant} on {selection.chosen.provider}): it needs {need:.1f} MB, "
+                               f"the other models hold {used:.1f} MB ({held}), the budget is {budget:g} MB")
+
+    @staticmethod
+    def _resident_mb(model: ActiveModel) -> float:
+        value = model.extra.get("resident_mb")
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    def _neighbours(self, name: str) -> list[Neighbour]:
+        """The other active models, each with its first reference input, for interference timing."""
+        out = []
+        for other, model in self.host.models().items():
+            if other == name:
+                continue
+            try:
+                manifest = self._manifest(model.package_id)
+                ref_in, _ = load_reference(self.store.install_dir(model.package_id), manifest)
+                out.append(Neighbour(other, model.session, prepare_feeds(model, ref_in[0])))
+            except EdgeError:  # a neighbour without usable reference input is timed without
+                continue
+        return out
+
+    def _select(self, name: str, pid: str, manifest: Manifest, cached: dict | None) -> Selection:
         key = cache_key(pid, self.hardware.fingerprint(), dict(self.hardware.runtimes))
-        cached = cached or self._cached_selection(pid)
+        cached = cached or self._cached_selection(name, pid)
         selection = select(manifest, self.store.install_dir(pid), self.available, key, budget_s=self.budget_s,
-                           session_factory=self.session_factory, cached=cached)
-        self.last_selection = self._selection_record(selection) | {"package_id": pid}
+                           session_factory=self.session_factory, cached=cached,
+                           neighbours=self._neighbours(name), rss_probe=self.rss_probe)
+        self.last_selection[name] = self._selection_record(selection) | {"package_id": pid}
         return selection
 
-    def _cached_selection(self, pid: str) -> dict | None:
-        for record in (self.store.active(), self.store.previous()):
+    def _cached_selection(self, name: str, pid: str) -> dict | None:
+        for record in (self.store.active(name), self.store.previous(name)):
             if record and record.get("package_id") == pid:
                 return record
         return None
@@ -284,27 +367,35 @@ class Installer:
     def _selection_record(selection: Selection) -> dict[str, Any]:
         return {"variant": selection.chosen.variant, "runtime": selection.chosen.runtime,
                 "provider": selection.chosen.provider, "cache_key": selection.cache_key,
+                "resident_mb": selection.resident_mb, "neighbours": list(selection.neighbours),
                 "table": [r.to_dict() for r in selection.table]}
 
-    def _serve(self, pid: str, manifest: Manifest, selection: Selection) -> ActiveModel | None:
+    def _serve(self, name: str, pid: str, manifest: Manifest, selection: Selection) -> ActiveModel | None:
+        if manifest.name != name:
+            raise InstallError(f"version {pid[:12]} is package {manifest.name!r}, not {name!r}")
         model = ActiveModel(session=selection.session, package_id=pid, name=manifest.name,
                             version=manifest.version, variant=selection.chosen.variant,
                             provider=selection.chosen.provider, runtime=selection.chosen.runtime,
                             inputs=tuple(manifest.inputs), outputs=tuple(manifest.outputs),
-                            extra={"selection": [r.to_dict() for r in selection.table]})
-        return self.host.swap(model)
+                            extra={"selection": [r.to_dict() for r in selection.table],
+                                   "resident_mb": selection.resident_mb})
+        return self.host.swap(name, model)
 
     def status(self) -> dict[str, Any]:
-        model = self.host.active
-        return {
-            "active": None if model is None else {
-                "package_id": model.package_id, "name": model.name, "version": model.version,
-                "variant": model.variant, "runtime": model.runtime, "provider": model.provider},
-            "previous": self.store.previous(),
-            "last_selection": self.last_selection,
-            "last_error": self.last_error,
-            "updated_at": self.clock(),
-        }
+        """Per model name: what is active, its fallback, the last selection and the last error."""
+        models: dict[str, Any] = {}
+        for name in sorted(set(self.store.names()) | set(self.host.models()) | set(self.last_error)):
+            model = self.host.get(name)
+            models[name] = {
+                "active": None if model is None else {
+                    "package_id": model.package_id, "name": model.name, "version": model.version,
+                    "release": model.release, "variant": model.variant, "runtime": model.runtime,
+                    "provider": model.provider, "resident_mb": model.extra.get("resident_mb")},
+                "previous": self.store.previous(name),
+                "last_selection": self.last_selection.get(name),
+                "last_error": self.last_error.get(name),
+            }
+        return {"models": models, "memory_budget_mb": self.memory_budget_mb, "updated_at": self.clock()}
 
     def _write_status(self) -> None:
         """`edge-agent status` reads this file, so it works whether or not the daemon runs."""

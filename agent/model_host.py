@@ -1,14 +1,19 @@
-"""The active model and the one door to it: `ModelHost.infer`, with hot swap and latency recording.
+"""The active models, one per name, and the one door to them: `ModelHost.infer`, with hot swap
+and latency recording.
 
     EdgeError
     ├── InstallError
-    │   └── NoModelError          nothing is active yet (API: 503)
+    │   └── NoModelError          nothing is active yet, or not the name asked for (API: 503/404)
+    │       └── UnknownModelError no active model has the name asked for (API: 404)
+    ├── AmbiguousModelError       no name given and several models are active (API: 409)
     ├── InvalidInputError         feeds do not match the model's inputs (API: 400)
     └── InferenceFailedError      the runtime raised while running valid feeds (API: 500)
 
 Swap is a reference replacement under a lock held for nanoseconds: a request takes the reference
 it found and finishes on that model; requests that start after `swap` see the new one. Each model
-counts its requests in flight, so the daemon can `drain` the old one before closing its session.
+name is swapped on its own, so installing, rolling back or removing one model never touches a
+request on another. Each model counts its requests in flight, so the installer can `drain` the
+old one before closing its session.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from edgesdk.manifest import TensorSpec
 
 class NoModelError(InstallError):
     """No model is active (first install not finished, or every install failed)."""
+
+
+class UnknownModelError(NoModelError):
+    """No active model has the name a request asked for."""
+
+
+class AmbiguousModelError(EdgeError):
+    """A request named no model and several are active."""
 
 
 class InvalidInputError(EdgeError):
@@ -82,7 +95,13 @@ class ActiveModel:
 
     @property
     def context(self) -> WindowContext:
-        return WindowContext(package_id=self.package_id, variant=self.variant, provider=self.provider)
+        return WindowContext(package_id=self.package_id, variant=self.variant, provider=self.provider,
+                             model=self.name)
+
+    @property
+    def release(self) -> str:
+        """``name@version``, how users see a release."""
+        return f"{self.name}@{self.version}"
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for /v1/status."""
@@ -165,25 +184,60 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 class ModelHost:
-    """Holds the active model; every inference goes through `infer` and is timed into ``recorder``."""
+    """Holds the active models by name; every inference goes through `infer` and is timed into
+    ``recorder`` under its model's window."""
 
     def __init__(self, recorder: LatencyRecorder, *, timer: Callable[[], float] = time.perf_counter) -> None:
         self.recorder = recorder
         self._timer = timer
         self._cond = threading.Condition(threading.Lock())
-        self._active: ActiveModel | None = None
+        self._models: dict[str, ActiveModel] = {}
         self._in_flight: dict[ActiveModel, int] = {}
+
+    def models(self) -> dict[str, ActiveModel]:
+        """The active models by name (a snapshot, sorted by name)."""
+        with self._cond:
+            return dict(sorted(self._models.items()))
+
+    def get(self, name: str) -> ActiveModel | None:
+        with self._cond:
+            return self._models.get(name)
 
     @property
     def active(self) -> ActiveModel | None:
-        return self._active
-
-    def swap(self, new: ActiveModel | None) -> ActiveModel | None:
-        """Make ``new`` the model new requests use; return the previous one (still serving its
-        requests in flight: `drain` it before closing its session)."""
+        """The active model when exactly one is active (what a request naming no model runs on)."""
         with self._cond:
-            old, self._active = self._active, new
+            return next(iter(self._models.values())) if len(self._models) == 1 else None
+
+    def swap(self, name: str, new: ActiveModel | None) -> ActiveModel | None:
+        """Make ``new`` the model that requests for ``name`` use (None: unload ``name``); return the
+        one it replaces (still serving its requests in flight: `drain` it before closing its session)."""
+        if new is not None and new.name != name:
+            raise InstallError(f"model {new.name!r} cannot serve as {name!r}")
+        with self._cond:
+            old = self._models.pop(name, None)
+            if new is not None:
+                self._models[name] = new
             return old
+
+    def resolve(self, name: str | None = None) -> ActiveModel:
+        """The model a request for ``name`` runs on; None: the only active one."""
+        with self._cond:
+            return self._resolve(name)
+
+    def _resolve(self, name: str | None) -> ActiveModel:
+        if name is not None:
+            model = self._models.get(name)
+            if model is None:
+                known = ", ".join(sorted(self._models)) or "none"
+                raise UnknownModelError(f"no active model named {name[:64]!r} (active: {known})")
+            return model
+        if not self._models:
+            raise NoModelError("no model is active on this device yet")
+        if len(self._models) > 1:
+            raise AmbiguousModelError(f"{len(self._models)} models are active ({', '.join(sorted(self._models))}): "
+                                      "name one, POST /v1/models/{name}/infer")
+        return next(iter(self._models.values()))
 
     def in_flight(self, model: ActiveModel) -> int:
         with self._cond:
@@ -194,37 +248,37 @@ class ModelHost:
         with self._cond:
             return self._cond.wait_for(lambda: model not in self._in_flight, timeout=timeout_s)
 
-    def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return self.infer_timed(feeds).outputs
+    def infer(self, feeds: Mapping[str, Any], model: str | None = None) -> dict[str, np.ndarray]:
+        return self.infer_timed(feeds, model).outputs
 
-    def infer_timed(self, feeds: Mapping[str, Any]) -> InferResult:
-        """Validate ``feeds``, run the active model, record the latency (or the error)."""
+    def infer_timed(self, feeds: Mapping[str, Any], model: str | None = None) -> InferResult:
+        """Validate ``feeds``, run model ``model`` (None: the only active one), record the latency
+        (or the error) in that model's window."""
         with self._cond:
-            model = self._active
-            if model is None:
-                raise NoModelError("no model is active on this device yet")
-            self._in_flight[model] = self._in_flight.get(model, 0) + 1
+            active = self._resolve(model)
+            self._in_flight[active] = self._in_flight.get(active, 0) + 1
+        context = active.context
         try:
             try:
-                prepared = prepare_feeds(model, feeds)
+                prepared = prepare_feeds(active, feeds)
             except InvalidInputError:
-                self.recorder.record_rejected()
+                self.recorder.record_rejected(context)
                 raise
             start = self._timer()
             try:
-                outputs = model.session.run(prepared)
+                outputs = active.session.run(prepared)
             except Exception as exc:  # runtimes raise their own types (ORT Fail, OpenVINO RuntimeError...)
-                self.recorder.record((self._timer() - start) * 1000.0, ok=False)
-                raise InferenceFailedError(f"{model.name} {model.variant} on {model.provider}: "
+                self.recorder.record((self._timer() - start) * 1000.0, ok=False, context=context)
+                raise InferenceFailedError(f"{active.name} {active.variant} on {active.provider}: "
                                            f"{_one_line(exc)}") from exc
             latency_ms = (self._timer() - start) * 1000.0
-            self.recorder.record(latency_ms)
-            return InferResult(outputs, latency_ms, model)
+            self.recorder.record(latency_ms, context=context)
+            return InferResult(outputs, latency_ms, active)
         finally:
             with self._cond:
-                left = self._in_flight[model] - 1
+                left = self._in_flight[active] - 1
                 if left:
-                    self._in_flight[model] = left
+                    self._in_flight[active] = left
                 else:
-                    del self._in_flight[model]
+                    del self._in_flight[active]
                     self._cond.notify_all()

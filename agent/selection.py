@@ -5,6 +5,13 @@ has: open a session (a silent ORT fallback to another provider counts as unavail
 time runs within the candidate's share of the budget, rank by median (ties by profile order),
 then health-check in that order on the package's reference I/O; the first that passes wins.
 
+With other models active on the device (``neighbours``), the candidates are timed alone and
+then with the neighbours running (`agent.neighbours`), ranked by the second timing, and each row
+reports the ratio (``interference``): the variant that leaves the cores or the accelerator to the
+others can win over the one that is fastest alone. Each row also reports the resident memory its
+session took (``resident_mb``: the process's RSS growth while it opened and ran once, never less
+than its files' size), which the installer checks against the device's memory budget.
+
 A variant whose runtime is not installed here is no candidate, but it is a row of the table
 (status `runtime_missing`, with the pip line that adds the runtime), so a device never drops a
 variant silently. A provider missing from an installed runtime (no GPU here) is left out, as before.
@@ -22,7 +29,7 @@ import hashlib
 import json
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,8 @@ from edgesdk.manifest import Manifest
 from edgesdk.npz import NPY_READ_LOCK
 from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
 from edgesdk.validation import health_check
+
+from agent.neighbours import Neighbour, NeighbourLoad
 
 SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=...) -> Session
 
@@ -60,12 +69,24 @@ class CandidateResult:
     runs: int = 0
     health: bool | None = None
     detail: str = ""
+    p50_alone_ms: float | None = None  # with neighbours: the p50 without them (p50_ms is with them)
+    resident_mb: float | None = None  # memory the session took (see the module docstring)
+
+    @property
+    def interference(self) -> float | None:
+        """p50 with the device's other models running / p50 alone (None: no neighbours)."""
+        if self.p50_alone_ms and self.p50_ms is not None:
+            return round(self.p50_ms / self.p50_alone_ms, 3)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.candidate.variant, "runtime": self.candidate.runtime,
-                "provider": self.candidate.provider, "precision": self.candidate.precision,
-                "status": self.status, "p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "runs": self.runs,
-                "health": self.health, "detail": self.detail}
+        row = {"variant": self.candidate.variant, "runtime": self.candidate.runtime,
+               "provider": self.candidate.provider, "precision": self.candidate.precision,
+               "status": self.status, "p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "runs": self.runs,
+               "health": self.health, "detail": self.detail, "resident_mb": self.resident_mb}
+        if self.p50_alone_ms is not None:
+            row.update(p50_alone_ms=self.p50_alone_ms, interference=self.interference)
+        return row
 
 
 @dataclass
@@ -75,11 +96,21 @@ class Selection:
     table: list[CandidateResult]
     cache_key: str
     from_cache: bool = False
+    neighbours: tuple[str, ...] = ()  # the other active models the timing ran beside
+
+    @property
+    def chosen_row(self) -> CandidateResult | None:
+        return next((r for r in self.table if r.candidate == self.chosen and r.status == "selected"), None)
+
+    @property
+    def resident_mb(self) -> float | None:
+        row = self.chosen_row
+        return None if row is None else row.resident_mb
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.chosen.variant, "runtime": self.chosen.runtime, "provider": self.chosen.provider,
-                "cache_key": self.cache_key, "from_cache": self.from_cache,
-                "table": [r.to_dict() for r in self.table]}
+                "cache_key": self.cache_key, "from_cache": self.from_cache, "neighbours": list(self.neighbours),
+                "resident_mb": self.resident_mb, "table": [r.to_dict() for r in self.table]}
 
 
 def runtime_missing_rows(manifest: Manifest, available: dict[str, list[str]]) -> list[CandidateResult]:
@@ -163,6 +194,28 @@ def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int
     return factory(path, c.runtime, c.provider, options=c.runtime_options, threads=threads)
 
 
+RssProbe = Callable[[], "int | None"]  # bytes resident in this process now, or None when unknown
+
+
+def default_rss_probe() -> RssProbe:
+    try:
+        import psutil
+    except ImportError:  # a bare core install: sizes on disk only
+        return lambda: None
+    process = psutil.Process()
+    return lambda: int(process.memory_info().rss)
+
+
+def files_mb(install_dir: Path, manifest: Manifest, variant_id: str) -> float:
+    """Size on disk of a variant's files: a floor for what its session holds in memory."""
+    variant = manifest.variant(variant_id)
+    total = 0
+    for relative in dict.fromkeys([variant.file, *variant.files]):
+        entry = manifest.files.get(relative)
+        total += entry.size if entry is not None else 0
+    return round(total / (1 << 20), 3)
+
+
 def _health(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict], ref_out: list[dict]) -> tuple[bool, str]:
     outputs = [session.run(feeds) for feeds in ref_in]
     result = health_check(ref_out, outputs, manifest.variant(c.variant).health_tolerance)
@@ -172,12 +225,17 @@ def _health(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict], 
 def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]], key: str,
            budget_s: float = 30.0, session_factory: SessionFactory | None = None,
            cached: dict | None = None, threads: int | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> Selection:
+           clock: Callable[[], float] = time.perf_counter, neighbours: Sequence[Neighbour] = (),
+           rss_probe: RssProbe | None = None) -> Selection:
     """Benchmark every candidate within ``budget_s`` and return the fastest healthy one.
 
     ``cached`` is an earlier decision for the same ``key`` (package, hardware, runtime versions):
     its winner is re-opened and health-checked without benchmarking; if that fails, select afresh.
+    ``neighbours``: the device's other active models; the candidates are then timed alone and
+    beside them (half the budget each), and ranked by the second timing.
     """
+    rss = rss_probe or default_rss_probe()
+    names = tuple(n.name for n in neighbours)
     if session_factory is None:
         from edgesdk.runtime import open_session as session_factory  # lazy: imports onnxruntime
     candidates, missing = list_candidates(manifest, available)
@@ -200,9 +258,10 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
                 session = _open(session_factory, install_dir, hit, threads)
                 ok, _ = _health(session, manifest, hit, ref_in, ref_out)
                 if ok:
-                    table = [CandidateResult(hit, "selected", detail="cached decision")]
+                    table = [CandidateResult(hit, "selected", detail="cached decision",
+                                             resident_mb=cached.get("resident_mb"))]
                     table += [CandidateResult(c, "not_checked", detail="cached decision") for c in candidates if c != hit]
-                    return Selection(hit, session, table + absent, key, from_cache=True)
+                    return Selection(hit, session, table + absent, key, from_cache=True, neighbours=names)
                 session.close()
             except PackageError:
                 raise  # the package itself is hostile or broken: no fresh selection can help
@@ -213,6 +272,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
     sessions: dict[Candidate, Any] = {}
     for res in results:
         c = res.candidate
+        before = rss()
         try:
             session = _open(session_factory, install_dir, c, threads)
         except RuntimeUnavailableError as exc:  # missing, or ORT silently fell back to another provider
@@ -228,11 +288,21 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
                 f"{type(exc).__name__}: {exc}"
             session.close()
             continue
+        after = rss()
+        grew = (after - before) / (1 << 20) if before is not None and after is not None else 0.0
+        res.resident_mb = round(max(grew, files_mb(install_dir, manifest, c.variant)), 3)
         sessions[c] = session
     timed = [r for r in results if r.candidate in sessions]
     # Interleaved rounds, so a change of load during selection does not pick the winner.
-    stats = time_interleaved([sessions[r.candidate] for r in timed], ref_in[0], warmup=2, max_runs=200,
-                             budget_s=budget_s, clock=clock)
+    runners = [sessions[r.candidate] for r in timed]
+    if neighbours and runners:
+        alone = time_interleaved(runners, ref_in[0], warmup=2, max_runs=100, budget_s=budget_s / 2, clock=clock)
+        with NeighbourLoad(neighbours):
+            stats = time_interleaved(runners, ref_in[0], warmup=2, max_runs=100, budget_s=budget_s / 2, clock=clock)
+        for res, st in zip(timed, alone):
+            res.p50_alone_ms = st.p50_ms
+    else:
+        stats = time_interleaved(runners, ref_in[0], warmup=2, max_runs=200, budget_s=budget_s, clock=clock)
     for res, st in zip(timed, stats):
         res.status, res.p50_ms, res.p95_ms, res.runs = "ok", st.p50_ms, st.p95_ms, st.runs
     ranked = sorted((r for r in results if r.status == "ok"), key=lambda r: (r.p50_ms, r.candidate.order))
@@ -259,7 +329,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         summary = "; ".join(f"{r.candidate.variant}@{r.candidate.provider}: {r.status} {r.detail}".strip()
                             for r in results + absent)
         raise HealthCheckError(f"no candidate passed the health check ({summary})")
-    return Selection(chosen, sessions[chosen], results + absent, key)
+    return Selection(chosen, sessions[chosen], results + absent, key, neighbours=names)
 
 
 def selection_record(selection: Selection) -> dict:

@@ -1,10 +1,17 @@
-"""Installed package versions on disk, and which one is active.
+"""Installed package versions on disk, and which one is active for each model name.
 
     data_dir/
       versions/{package_id}/         an extracted package (complete: renamed into place whole)
       versions/{package_id}.partial  an extraction in progress (removed by recover())
       versions/.trash-*              a version being deleted (renamed first, then removed)
-      active.json                    {"active": {...} | null, "previous": {...} | null}
+      active.json                    {"version": 2,
+                                      "models": {name: {"active": {...} | null, "previous": {...} | null}},
+                                      "removed": {package_id: unix time it was undeployed}}
+
+A device runs one active version per model name, as many names as it holds; each name keeps its
+previous version as its fallback, and changing one name's record never changes another's. A
+version undeployed stays on disk for a grace period (`gc`), so a redeploy within it needs no
+download. The single-model file of older agents ({"active", "previous"}) is read as one name.
 
 Each step that changes what is installed is one atomic rename (a folder, or active.json written
 to a temp file, fsynced, renamed, folder fsynced), so an agent killed at any point restarts, after
@@ -48,6 +55,7 @@ CHECKPOINTS = ("before-extract", "after-extract", "after-rename", "before-replac
                "trash-renamed")
 
 
+STATE_VERSION = 2
 RecoveryKind = Literal["rolled_back", "abandoned_install", "deactivated", "forgot_previous", "state_reset",
                       "cleaned"]
 
@@ -64,12 +72,14 @@ class RecoveryNote:
       state_reset        active.json was corrupt: moved aside, started with no active version
       cleaned            a leftover of an interrupted delete or state write was removed (housekeeping)
     ``package_id`` is the version the note is about (for rolled_back/deactivated the unusable one,
-    not the one now active); "" where no version is concerned. ``reason`` is one line.
+    not the one now active); "" where no version is concerned. ``reason`` is one line. ``name``
+    is the model name concerned ("" where none is).
     """
 
     kind: RecoveryKind
     package_id: str
     reason: str
+    name: str = ""
 
     def __str__(self) -> str:
         return self.reason
@@ -134,19 +144,27 @@ class VersionStore:
             return sorted(p.name for p in self.versions_dir.iterdir()
                           if p.is_dir() and PACKAGE_ID.fullmatch(p.name) and not p.name.endswith(PARTIAL))
 
-    def active(self) -> dict[str, Any] | None:
-        return self._read_state()["active"]
+    def names(self) -> list[str]:
+        """The model names with an active version, sorted."""
+        return sorted(n for n, slot in self._read_state()["models"].items() if slot["active"])
 
-    def previous(self) -> dict[str, Any] | None:
-        return self._read_state()["previous"]
+    def active(self, name: str) -> dict[str, Any] | None:
+        return self._slot(self._read_state(), name)["active"]
+
+    def previous(self, name: str) -> dict[str, Any] | None:
+        return self._slot(self._read_state(), name)["previous"]
+
+    def in_use(self) -> set[str]:
+        """Package ids some name runs or keeps as its fallback."""
+        return _referenced(self._read_state())
 
     # -- changing ------------------------------------------------------------------------------
     def stage(self, package_id: str, extract_fn: Callable[[Path], T]) -> T:
         """Run ``extract_fn(staging_dir)`` and rename the result into versions/{package_id}.
 
         ``staging_dir`` exists and is empty; `edgesdk.package.extract_package(pkg, staging_dir, keys)`
-        fits (it replaces the folder it is given). A version already active or previous is kept
-        as it is (same id, same signed content); any other folder of that id is replaced.
+        fits (it replaces the folder it is given). A version some name runs or keeps is kept as it
+        is (same id, same signed content); any other folder of that id is replaced.
         """
         final = self.install_dir(package_id)
         staging = final.with_name(final.name + PARTIAL)
@@ -165,9 +183,8 @@ class VersionStore:
                     self._discard(staging)
                 raise
             self._checkpoint("after-extract")
-            in_use = {r["package_id"] for r in (self.active(), self.previous()) if r}
             if final.exists():
-                if package_id in in_use and self.has_version(package_id):
+                if package_id in self.in_use() and self.has_version(package_id):
                     self._discard(staging)
                     return result
                 self._discard(final)
@@ -176,8 +193,9 @@ class VersionStore:
             self._checkpoint("after-rename")
             return result
 
-    def activate(self, package_id: str, selection: dict[str, Any]) -> None:
-        """Atomically make ``package_id`` active with ``selection``; the active one becomes previous."""
+    def activate(self, name: str, package_id: str, selection: dict[str, Any]) -> None:
+        """Atomically make ``package_id`` the active version of ``name`` with ``selection``; the
+        name's active one becomes its previous. Other names are untouched."""
         for key in SELECTION_KEYS:
             if not isinstance(selection.get(key), str):
                 raise InstallError(f"activate {package_id}: selection needs a string {key!r}")
@@ -186,78 +204,128 @@ class VersionStore:
             if problem:
                 raise InstallError(f"cannot activate {package_id}: {problem}")
             state = self._read_state()
-            record = {**selection, "package_id": package_id, "activated_at": self._now()}
-            current = state["active"]
+            slot = self._slot(state, name)
+            record = {**selection, "name": name, "package_id": package_id, "activated_at": self._now()}
+            current = slot["active"]
             # Re-activating the same package (a new selection) keeps the older previous version.
-            previous = state["previous"] if current and current["package_id"] == package_id else current
-            self._write_state(record, previous)
+            previous = slot["previous"] if current and current["package_id"] == package_id else current
+            state["models"][name] = {"active": record, "previous": previous}
+            state["removed"].pop(package_id, None)
+            self._write_state(state)
 
-    def rollback(self) -> dict[str, Any]:
-        """Swap active and previous; raise InstallError (nothing changed) when there is no usable previous."""
-        with self._lock, map_os_errors(f"roll back in {self.data_dir}"):
+    def rollback(self, name: str) -> dict[str, Any]:
+        """Swap ``name``'s active and previous; raise InstallError (nothing changed) when it has no
+        usable previous."""
+        with self._lock, map_os_errors(f"roll back {name} in {self.data_dir}"):
             state = self._read_state()
-            previous = state["previous"]
+            slot = self._slot(state, name)
+            previous = slot["previous"]
             if previous is None:
-                raise InstallError("no previous version to roll back to")
+                raise InstallError(f"{name} has no previous version to roll back to")
             problem = self.version_problem(previous["package_id"])
             if problem:
-                raise InstallError(f"cannot roll back to {previous['package_id']}: {problem}")
+                raise InstallError(f"cannot roll back {name} to {previous['package_id']}: {problem}")
             record = {**previous, "activated_at": self._now()}
-            self._write_state(record, state["active"])
+            state["models"][name] = {"active": record, "previous": slot["active"]}
+            self._write_state(state)
             return record
 
-    def gc(self, keep: int = 2) -> list[str]:
-        """Remove versions beyond the newest ``keep`` (active and previous always count first)
-        and stray staging/trash folders. Returns the package ids removed. Not concurrent with stage()."""
+    def deactivate(self, name: str) -> list[str]:
+        """Forget ``name`` (undeploy): it has no active or previous version any more. Its versions
+        that no other name uses are marked removed now; `gc` deletes them after its grace period.
+        Returns those package ids (nothing when ``name`` was not installed)."""
+        with self._lock, map_os_errors(f"undeploy {name} in {self.data_dir}"):
+            state = self._read_state()
+            slot = state["models"].pop(name, None)
+            if slot is None:
+                return []
+            still = _referenced(state)
+            now = self._clock()
+            freed = [r["package_id"] for r in (slot["active"], slot["previous"])
+                     if r and r["package_id"] not in still]
+            for package_id in freed:
+                state["removed"][package_id] = now
+            self._write_state(state)
+            return freed
+
+    def gc(self, keep: int = 2, grace_s: float = 0.0) -> list[str]:
+        """Remove every version that no name runs (``keep`` >= 1) or keeps as its fallback
+        (``keep`` >= 2; with 1 the fallbacks are forgotten), except those undeployed less than
+        ``grace_s`` ago; and stray staging/trash folders. Returns the package ids removed. Not
+        concurrent with stage() (the installer calls both from its one worker)."""
         if keep < 1:
             raise InstallError(f"gc: keep must be >= 1, got {keep}")
         with self._lock, map_os_errors(f"remove old versions from {self.versions_dir}"):
             state = self._read_state()
-            kept = [r["package_id"] for r in (state["active"], state["previous"]) if r][:keep]
-            others = sorted((v for v in self.installed() if v not in kept),
-                            key=lambda v: self.install_dir(v).stat().st_mtime, reverse=True)
-            kept += others[:max(0, keep - len(kept))]
-            if state["previous"] and state["previous"]["package_id"] not in kept:
-                self._write_state(state["active"], None)
-            removed = [v for v in self.installed() if v not in kept]
+            changed = False
+            if keep == 1:
+                for slot in state["models"].values():
+                    if slot["previous"]:
+                        slot["previous"], changed = None, True
+            kept = _referenced(state)
+            now = self._clock()
+            graced = {pid for pid, at in state["removed"].items() if now - at < grace_s and pid not in kept}
+            removed = [v for v in self.installed() if v not in kept and v not in graced]
+            stale = set(state["removed"]) - graced
+            if stale:
+                state["removed"] = {pid: at for pid, at in state["removed"].items() if pid in graced}
+                changed = True
+            if changed:  # the state first: it never names a version whose folder is going
+                self._write_state(state)
             for package_id in removed:
                 self._discard(self.install_dir(package_id))
             self._clean_leftovers()
             return removed
 
     def recover(self) -> list[RecoveryNote]:
-        """Run at start: clear leftovers of an interrupted install, and make sure the active
-        version is complete (else fall back to previous). Returns what was done, as records."""
+        """Run at start: clear leftovers of an interrupted install, and make sure each name's active
+        version is complete (else fall back to its previous). Returns what was done, as records."""
         with self._lock, map_os_errors(f"recover {self.data_dir}"):
             report = [self._leftover_note(name) for name in self._clean_leftovers()]
             try:
+                raw_state = self._read_raw()
                 state = self._read_state()
             except InstallError as exc:
                 broken = self.state_path.with_name(f"{STATE_NAME}.corrupt-{int(self._clock())}")
                 os.replace(self.state_path, broken)
                 report.append(RecoveryNote("state_reset", "", f"{exc}; moved it to {broken.name} and started "
                                                               "with no active version"))
-                state = {"active": None, "previous": None}
-            active, previous = state["active"], state["previous"]
-            if previous and (problem := self.version_problem(previous["package_id"])):
-                report.append(RecoveryNote("forgot_previous", previous["package_id"],
-                                           f"previous version {previous['package_id']} is unusable ({problem}); "
-                                           "forgot it"))
-                previous = None
-            if active and (problem := self.version_problem(active["package_id"])):
-                if previous:
-                    report.append(RecoveryNote("rolled_back", active["package_id"],
-                                               f"active version {active['package_id']} is unusable ({problem}); "
-                                               f"fell back to previous version {previous['package_id']}"))
-                    active, previous = {**previous, "activated_at": self._now()}, None
-                else:
-                    report.append(RecoveryNote("deactivated", active["package_id"],
-                                               f"active version {active['package_id']} is unusable ({problem}) "
-                                               "and there is no previous version; nothing is active"))
-                    active = None
-            if (active, previous) != (state["active"], state["previous"]):
-                self._write_state(active, previous)
+                raw_state, state = None, _empty_state()
+            changed = raw_state is not None and raw_state.get("version") != STATE_VERSION  # an older agent's file
+            for name in sorted(state["models"]):
+                slot = state["models"][name]
+                notes, slot = self._recover_slot(name, slot)
+                report.extend(notes)
+                if notes:
+                    changed = True
+                    if slot["active"] is None and slot["previous"] is None:
+                        del state["models"][name]
+                    else:
+                        state["models"][name] = slot
+            if changed:
+                self._write_state(state)
             return report
+
+    def _recover_slot(self, name: str, slot: dict[str, Any]) -> tuple[list[RecoveryNote], dict[str, Any]]:
+        report = []
+        active, previous = slot["active"], slot["previous"]
+        if previous and (problem := self.version_problem(previous["package_id"])):
+            report.append(RecoveryNote("forgot_previous", previous["package_id"],
+                                       f"{name}: previous version {previous['package_id']} is unusable ({problem}); "
+                                       "forgot it", name))
+            previous = None
+        if active and (problem := self.version_problem(active["package_id"])):
+            if previous:
+                report.append(RecoveryNote("rolled_back", active["package_id"],
+                                           f"{name}: active version {active['package_id']} is unusable ({problem}); "
+                                           f"fell back to previous version {previous['package_id']}", name))
+                active, previous = {**previous, "activated_at": self._now()}, None
+            else:
+                report.append(RecoveryNote("deactivated", active["package_id"],
+                                           f"{name}: active version {active['package_id']} is unusable ({problem}) "
+                                           "and there is no previous version; nothing is active", name))
+                active = None
+        return report, {"active": active, "previous": previous}
 
     @staticmethod
     def _leftover_note(name: str) -> RecoveryNote:
@@ -273,33 +341,70 @@ class VersionStore:
         return datetime.fromtimestamp(self._clock(), timezone.utc).isoformat(timespec="seconds").replace(
             "+00:00", "Z")
 
-    def _read_state(self) -> dict[str, Any]:
+    def _read_raw(self) -> dict[str, Any] | None:
         with map_os_errors(f"read {self.state_path}"):
             try:
                 raw = self.state_path.read_bytes()
             except FileNotFoundError:  # caught before map_os_errors sees it: no state yet
-                raw = None
-        if raw is None:
-            return {"active": None, "previous": None}
+                return None
         try:
             data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-            state = {k: data.get(k) for k in ("active", "previous")}
-            for record in state.values():
-                if record is not None and not (isinstance(record, dict)
-                                               and isinstance(record.get("package_id"), str)):
-                    raise ValueError("a record without package_id")
-                if record is not None and not PACKAGE_ID.fullmatch(record["package_id"]):
-                    raise ValueError("a record with an invalid package_id")
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise InstallError(f"{self.state_path}: corrupt state file ({' '.join(str(exc).split())[:200]})") from None
         except RecursionError:  # json.loads on thousands of nested brackets
             raise InstallError(f"{self.state_path}: corrupt state file (nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise InstallError(f"{self.state_path}: corrupt state file (not an object)")
+        return data
+
+    def _read_state(self) -> dict[str, Any]:
+        data = self._read_raw()
+        if data is None:
+            return _empty_state()
+        try:
+            if "models" not in data:  # an older agent's single-model file
+                data = {"models": {self._legacy_name(data): {k: data.get(k) for k in ("active", "previous")}}}
+            models, removed = data.get("models"), data.get("removed", {})
+            if not isinstance(models, dict) or not isinstance(removed, dict):
+                raise ValueError("'models' and 'removed' must be objects")
+            state: dict[str, Any] = {"models": {}, "removed": {}}
+            for name, slot in models.items():
+                if not isinstance(name, str) or not isinstance(slot, dict):
+                    raise ValueError("a model entry is not an object")
+                records = {k: slot.get(k) for k in ("active", "previous")}
+                for record in records.values():
+                    if record is not None and not (isinstance(record, dict)
+                                                   and isinstance(record.get("package_id"), str)):
+                        raise ValueError("a record without package_id")
+                    if record is not None and not PACKAGE_ID.fullmatch(record["package_id"]):
+                        raise ValueError("a record with an invalid package_id")
+                if records["active"] or records["previous"]:
+                    state["models"][name] = records
+            for package_id, at in removed.items():
+                if PACKAGE_ID.fullmatch(package_id) and isinstance(at, (int, float)) and not isinstance(at, bool):
+                    state["removed"][package_id] = float(at)
+        except ValueError as exc:
+            raise InstallError(f"{self.state_path}: corrupt state file ({' '.join(str(exc).split())[:200]})") from None
         return state
 
-    def _write_state(self, active: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
-        data = (json.dumps({"active": active, "previous": previous}, indent=1, sort_keys=True) + "\n").encode()
+    def _legacy_name(self, data: dict[str, Any]) -> str:
+        """The model name of a single-model state file: its active (or previous) version's manifest."""
+        for key in ("active", "previous"):
+            record = data.get(key)
+            if isinstance(record, dict) and isinstance(record.get("package_id"), str) \
+                    and PACKAGE_ID.fullmatch(record["package_id"]):
+                with contextlib.suppress(OSError, PackageError):
+                    folder = self.install_dir(record["package_id"])
+                    return Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes()).name
+        return "model"
+
+    @staticmethod
+    def _slot(state: dict[str, Any], name: str) -> dict[str, Any]:
+        return state["models"].get(name) or {"active": None, "previous": None}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        doc = {"version": STATE_VERSION, "models": state["models"], "removed": state["removed"]}
+        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
         with atomic_writer(self.state_path) as handle:
             handle.write(data)
             handle.flush()
@@ -332,3 +437,11 @@ class VersionStore:
                 entry.unlink()
             removed.append(entry.name)
         return sorted(removed)
+
+
+def _empty_state() -> dict[str, Any]:
+    return {"models": {}, "removed": {}}
+
+
+def _referenced(state: dict[str, Any]) -> set[str]:
+    return {r["package_id"] for slot in state["models"].values() for r in (slot["active"], slot["previous"]) if r}

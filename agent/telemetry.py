@@ -1,15 +1,17 @@
 """Per-window latency telemetry: record every inference, roll a closed window once a period.
 
-`LatencyRecorder.record` runs on every inference, so it is a lock plus one histogram update
-(~1-2 µs on a slow core). `roll` closes the window: it swaps the histogram under the lock, then
-computes percentiles, probes the process and persists the next sequence number outside it.
+`LatencyRecorder.record` runs on every inference, so it is a lock, a dict lookup and one
+histogram update (~1-2 µs on a slow core). `roll` closes the windows: it swaps them out under the
+lock, then computes percentiles, probes the process and persists the next sequence number
+outside it. A device with several models sends one window per model (and release) per period.
 
 Semantics of a window (what a fleet collector reads):
 - ``count`` = requests that reached the model (ok + errors); ``errors`` = the runtime raised;
   ``rejected`` = refused before the model ran (bad input names/dtypes/shapes), kept apart so a
   client sending bad input cannot make a good model look broken.
 - latency percentiles and the histogram cover successful inferences only.
-- ``seq`` increases by one per emitted window and survives restarts (small state file).
+- ``seq`` increases by one per emitted window, whatever its model, and survives restarts (small
+  state file); ``model`` names the model the window is about (None: a device heartbeat).
 - ``dropped_windows`` is the spool's running total of windows dropped on overflow (a counter:
   the collector takes differences, and a lost window cannot hide earlier drops).
 - ``histogram`` is `LatencyHistogram.to_bounds` (upper bound in ms as text -> count); ``extra``
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,18 +68,47 @@ def psutil_probe() -> Callable[[], ProcessStats]:
 
 @dataclass(frozen=True)
 class WindowContext:
-    """What the window's numbers were measured on; the daemon supplies it from the active model."""
+    """What a window's numbers were measured on: one model name at one package, variant and
+    provider. Each context has a window of its own, so a swap mid-window (v1 -> v2, or a new
+    selection) never mixes two releases' latencies in one window."""
 
     package_id: str | None = None
     variant: str | None = None
     provider: str | None = None
+    model: str | None = None
+
+
+class _Open:
+    """One context's open window (or its lifetime totals)."""
+
+    __slots__ = ("hist", "errors", "rejected")
+
+    def __init__(self) -> None:
+        self.hist = LatencyHistogram()
+        self.errors = 0
+        self.rejected = 0
+
+    def merge(self, other: _Open) -> None:
+        self.hist.merge(other.hist)
+        self.errors += other.errors
+        self.rejected += other.rejected
+
+    @property
+    def empty(self) -> bool:
+        return self.hist.count == 0 and self.errors == 0 and self.rejected == 0
+
+
+NO_CONTEXT = WindowContext()
 
 
 class LatencyRecorder:
-    """Thread-safe latency recorder that rolls numbered windows; ``seq`` persists in ``state_path``.
+    """Thread-safe latency recorder that rolls numbered windows, one per context (model and
+    release) that saw requests or is active; ``seq`` is the device's, persists in ``state_path``
+    and grows by one per window whatever its model.
 
     ``clock`` is the wall clock for window bounds; ``probe`` reads process CPU/RSS (inject a
-    constant one in tests); ``emit_empty`` makes windows with no requests heartbeats instead of None.
+    constant one in tests); ``emit_empty`` makes an active model's window with no requests a
+    heartbeat (and, with no model active, one device heartbeat) instead of nothing.
     ``min_seq`` lets the daemon keep seq above windows still pending in the spool if the state file
     was lost.
     """
@@ -91,14 +122,10 @@ class LatencyRecorder:
         self._clock = clock
         self._probe = probe if probe is not None else psutil_probe()
         self._emit_empty = emit_empty
-        self._lock = threading.Lock()  # guards the open window; held for one histogram update
+        self._lock = threading.Lock()  # guards the open windows; held for one histogram update
         self._roll_lock = threading.Lock()  # serialises roll() so seq is persisted in order
-        self._hist = LatencyHistogram()
-        self._errors = 0
-        self._rejected = 0
-        self._lifetime = LatencyHistogram()  # closed windows merged; `snapshot` adds the open one
-        self._lifetime_errors = 0
-        self._lifetime_rejected = 0
+        self._open: dict[WindowContext, _Open] = {}
+        self._lifetime: dict[str | None, _Open] = {}  # closed windows merged per model name
         self._next_seq = max(self._load_seq(), min_seq)
         self._window_start = clock()
         self._last: TelemetryWindow | None = None
@@ -129,66 +156,94 @@ class LatencyRecorder:
         """The most recently closed window (for /metrics), None before the first roll."""
         return self._last
 
-    def record(self, latency_ms: float, ok: bool = True) -> None:
-        """Count one inference; the latency of a failed one is not a model latency and is not kept."""
-        with self._lock:
-            if ok:
-                self._hist.record(latency_ms)
-            else:
-                self._errors += 1
+    def _window(self, context: WindowContext | None) -> _Open:
+        key = context or NO_CONTEXT
+        window = self._open.get(key)
+        if window is None:
+            window = self._open[key] = _Open()
+        return window
 
-    def record_rejected(self) -> None:
+    def record(self, latency_ms: float, ok: bool = True, context: WindowContext | None = None) -> None:
+        """Count one inference on ``context``'s model; the latency of a failed one is not a model
+        latency and is not kept."""
+        with self._lock:
+            window = self._window(context)
+            if ok:
+                window.hist.record(latency_ms)
+            else:
+                window.errors += 1
+
+    def record_rejected(self, context: WindowContext | None = None) -> None:
         """Count one request refused before it reached the model (bad input)."""
         with self._lock:
-            self._rejected += 1
+            self._window(context).rejected += 1
 
-    def snapshot(self) -> tuple[LatencyHistogram, int, int]:
-        """Since start: (latency histogram, errors, rejected), open window included (for /metrics)."""
+    def models(self) -> list[str]:
+        """The model names with requests counted since start (for /metrics)."""
         with self._lock:
-            hist = self._lifetime.copy()
-            hist.merge(self._hist)
-            return hist, self._lifetime_errors + self._errors, self._lifetime_rejected + self._rejected
+            names = {ctx.model for ctx in self._open} | set(self._lifetime)
+        return sorted(n for n in names if n is not None)
 
-    def roll(self, now: float | None = None, context: WindowContext | None = None,
-             dropped_windows: int = 0) -> TelemetryWindow | None:
-        """Close the current window at ``now`` (default: the clock) and start the next one.
+    def snapshot(self, model: str | None = None) -> tuple[LatencyHistogram, int, int]:
+        """Since start: (latency histogram, errors, rejected), open windows included (for
+        /metrics); of model ``model``, or of every model when None."""
+        total = _Open()
+        with self._lock:
+            for name, done in self._lifetime.items():
+                if model is None or name == model:
+                    total.merge(done)
+            for ctx, window in self._open.items():
+                if model is None or ctx.model == model:
+                    total.merge(window)
+        return total.hist, total.errors, total.rejected
 
-        Returns None for an empty window when ``emit_empty`` is False (no seq is used then).
+    def roll(self, now: float | None = None, contexts: Iterable[WindowContext] = (),
+             dropped_windows: int = 0) -> list[TelemetryWindow]:
+        """Close the open windows at ``now`` (default: the clock) and start the next ones.
+
+        One window per context that saw requests, plus (``emit_empty``) a heartbeat for each
+        context in ``contexts`` (the active models) that saw none, or one device heartbeat when
+        nothing is active. Windows are ordered by model name; each takes the next seq.
         """
         with self._roll_lock:
-            return self._roll(self._clock() if now is None else now, context or WindowContext(), dropped_windows)
+            return self._roll(self._clock() if now is None else now, list(contexts), dropped_windows)
 
-    def _roll(self, end: float, ctx: WindowContext, dropped_windows: int) -> TelemetryWindow | None:
+    def _roll(self, end: float, active: list[WindowContext], dropped_windows: int) -> list[TelemetryWindow]:
         with self._lock:
-            hist, errors, rejected = self._hist, self._errors, self._rejected
-            self._hist, self._errors, self._rejected = LatencyHistogram(), 0, 0
-            self._lifetime.merge(hist)
-            self._lifetime_errors += errors
-            self._lifetime_rejected += rejected
+            closed, self._open = self._open, {}
+            for ctx, window in closed.items():
+                self._lifetime.setdefault(ctx.model, _Open()).merge(window)
             start, self._window_start = self._window_start, end
-            empty = hist.count == 0 and errors == 0 and rejected == 0
-            if empty and not self._emit_empty:
-                return None
-            seq = self._next_seq
-            self._next_seq = seq + 1
-        # Persist before the window leaves this object: a crash after it is published must not
-        # reuse the seq. One small fsynced write per window (once a minute) costs nothing. On a
-        # failing disk the window is lost (StorageError) but its seq stays used, so none repeats.
+            windows = {ctx: w for ctx, w in closed.items() if not w.empty}
+            if self._emit_empty:
+                for ctx in active or ([] if windows else [NO_CONTEXT]):
+                    windows.setdefault(ctx, _Open())
+            ordered = sorted(windows.items(), key=lambda item: (item[0].model or "", item[0].package_id or ""))
+            first = self._next_seq
+            self._next_seq = first + len(ordered)
+        if not ordered:
+            return []
+        # Persist before the windows leave this object: a crash after one is published must not
+        # reuse its seq. One small fsynced write per roll (once a minute) costs nothing. On a
+        # failing disk the windows are lost (StorageError) but their seqs stay used, so none repeats.
         with map_os_errors(f"write {self._state_path}"):
             write_bytes_atomic(self._state_path,
-                               json.dumps({"version": STATE_VERSION, "next_seq": seq + 1}).encode())
+                               json.dumps({"version": STATE_VERSION, "next_seq": first + len(ordered)}).encode())
         stats = self._probe()
-        window = TelemetryWindow(
-            seq=seq, window_start=start, window_end=max(end, start),  # a wall clock stepped back
-            count=hist.count + errors, errors=errors,
-            p50_ms=hist.percentile(50), p95_ms=hist.percentile(95), p99_ms=hist.percentile(99),
-            max_ms=hist.max, histogram=hist.to_bounds(),
-            variant=ctx.variant, provider=ctx.provider, package_id=ctx.package_id,
-            cpu_percent=stats.cpu_percent, rss_mb=stats.rss_mb, dropped_windows=dropped_windows,
-            extra={"rejected": rejected, "mean_ms": hist.mean, "min_ms": hist.min,
-                   "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns})
-        self._last = window
-        return window
+        out = []
+        for seq, (ctx, window) in enumerate(ordered, start=first):
+            hist = window.hist
+            out.append(TelemetryWindow(
+                seq=seq, window_start=start, window_end=max(end, start),  # a wall clock stepped back
+                count=hist.count + window.errors, errors=window.errors,
+                p50_ms=hist.percentile(50), p95_ms=hist.percentile(95), p99_ms=hist.percentile(99),
+                max_ms=hist.max, histogram=hist.to_bounds(),
+                variant=ctx.variant, provider=ctx.provider, package_id=ctx.package_id, model=ctx.model,
+                cpu_percent=stats.cpu_percent, rss_mb=stats.rss_mb, dropped_windows=dropped_windows,
+                extra={"rejected": window.rejected, "mean_ms": hist.mean, "min_ms": hist.min,
+                       "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns}))
+        self._last = out[-1]
+        return out
 
 
 def histogram_of(window: TelemetryWindow) -> LatencyHistogram:

@@ -17,7 +17,10 @@ from edgesdk.protocol.ids import (ID_RULE, check_id, check_name, check_package_i
 from edgesdk.protocol.messages import (MAX_DEPTH, MAX_JSON_BYTES, BlockRequest, DeviceState, InstallEvent,
                                        InstallEventKind, TelemetryWindow, parse_json)
 from edgesdk.protocol.statements import (DEFAULT_LIFETIME_S, DeploymentStatement, SignedStatement,
-                                         compare_versions, new_serial, sign_statement)
-from edgesdk.protocol.topics import (ROOT, SHARE_GROUP, device_blocks, device_desired, device_events,
+                                         compare_versions, new_serial, sign_statement,
+                                         undeploy_statement)
+from edgesdk.protocol.topics import (ROOT, SHARE_GROUP, device_blocks, device_desired, device_desired_filter,
+                                     device_events,
                                      device_state, device_telemetry, devices_filter, fleet_root, package_get,
-                                     package_get_shared, parse_device_topic, parse_package_get, trust_root_topic)
+                                     package_get_shared, parse_desired_name, parse_device_topic, parse_package_get,
+                                     trust_root_topic)

@@ -40,6 +40,8 @@ class InstallEventKind(enum.Enum):
     ROLLED_BACK = "rolled_back"  #: the device went back to the previous version (``reason``)
     REFUSED = "refused"  #: a desired statement was not obeyed (``reason``: unsigned, untrusted key,
     #: replayed, expired, downgrade, mix-and-match, malformed); the active model is unchanged
+    UNDEPLOYED = "undeployed"  #: the model was unloaded after an undeploy statement (its disk is
+    #: freed after the agent's grace period)
 
 
 _M = TypeVar("_M", bound="_Message")
@@ -182,11 +184,18 @@ class DeviceState(_Message):
     target: str | None = None  # profile name the device was configured with
     hardware: dict[str, Any] = field(default_factory=dict)  # arch, cpu, memory, accelerators found
     runtimes: dict[str, Any] = field(default_factory=dict)  # runtime -> {"version", "providers"}
+    # Every active model: [{"name", "version", "package_id", "variant", "provider", "runtime"}], by name.
+    models: list[dict[str, Any]] = field(default_factory=list)
+    # The only active model's, when exactly one is active (readers older than `models`); else None.
     active_package: str | None = None
     active_variant: str | None = None
     provider: str | None = None
     updated_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, name: str) -> dict[str, Any] | None:
+        """The entry of active model ``name``, or None."""
+        return next((m for m in self.models if isinstance(m, dict) and m.get("name") == name), None)
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ class InstallEvent(_Message):
     kind: InstallEventKind
     package_id: str
     at: float  # unix time on the device
+    model: str | None = None  # the model name the event is about (None: the device as a whole)
     rollout_id: str | None = None
     progress: float | None = None  # 0..1, for downloading
     reason: str | None = None  # for failed / rolled_back: one line
@@ -224,6 +234,7 @@ class TelemetryWindow(_Message):
     variant: str | None = None
     provider: str | None = None
     package_id: str | None = None
+    model: str | None = None  # the model name the numbers are for (None: no model was active)
     cpu_percent: float | None = None
     rss_mb: float | None = None
     dropped_windows: int = 0  # windows lost to a full on-disk buffer before this one

@@ -1,7 +1,9 @@
 """Signed deployment statements: the `desired` message (DESIGN §7, docs/protocol.md).
 
 A statement says "device D of fleet F should run package P (name, version), serial S, valid from
-issued_at until expires", signed by a fleet key. On the wire:
+issued_at until expires", signed by a fleet key; an *undeploy* statement says "device D should no
+longer run model N" (its package fields are empty). One statement concerns one model name: it
+travels on `devices/{id}/desired/{name}` and its serial is compared with that name's. On the wire:
 
     {"statement": "<the statement's JSON text>", "signature": {"keyid": "<16 hex>", "sig": "<128 hex>"}}
 
@@ -25,24 +27,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgesdk.errors import ProtocolError, SignatureError, TrustError
 from edgesdk.protocol.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
-from edgesdk.protocol.ids import check_id, is_sha256_hex
+from edgesdk.protocol.ids import check_id, is_sha256_hex, is_valid_id
 from edgesdk.protocol.messages import _Message, parse_json
 
 DEFAULT_LIFETIME_S = 30 * 24 * 3600  # a statement not re-issued within 30 days stops being obeyed
 CLOCK_SKEW_S = 300.0  # a statement "issued" up to 5 min in the device's future is still accepted
 MAX_SERIAL = 2 ** 63 - 1
 MAX_PACKAGE_BYTES = 1 << 40  # 1 TiB: sizes past this are nonsense, not packages
-MAX_TEXT = 128  # name, version, target, rollout id
+MAX_TEXT = 128  # version, target, rollout id
+UNDEPLOY_EMPTY = ("package_id", "version", "target", "size", "block_size", "blocks_digest")
 
 
 @dataclass(frozen=True)
 class DeploymentStatement(_Message):
-    """What one device should run for one package name; every field is covered by the signature."""
+    """What one device should run for one package name; every field is covered by the signature.
+    With ``undeploy`` the device should stop running ``name``, and the package fields are empty
+    (`undeploy_statement` builds one)."""
 
     fleet: str
     device: str
     package_id: str  # sha256 hex of the .edgepkg bytes: the bytes are checked against it
-    name: str  # the package (model) name; versions are compared per name
+    name: str  # the package (model) name, a topic level (ids rule); versions and serials are per name
     version: str
     target: str
     size: int  # bytes of the .edgepkg: the transfer never accepts more
@@ -53,6 +58,7 @@ class DeploymentStatement(_Message):
     expires: float  # unix time; after it the statement is refused (a frozen fleet cannot pin a device)
     rollout_id: str | None = None
     rollback: bool = False  # only a rollback statement may install a lower version of a name
+    undeploy: bool = False  # the device unloads ``name`` and frees its disk; no package named
 
     @property
     def sha256(self) -> str:
@@ -72,23 +78,31 @@ class DeploymentStatement(_Message):
             check_id(self.device, "device id")
         except ProtocolError as exc:
             raise ProtocolError(f"{where}: {exc}") from None
-        for name in ("package_id", "blocks_digest"):
-            if not is_sha256_hex(getattr(self, name)):
-                raise ProtocolError(f"{where}: field '{name}' must be 64 lowercase hex")
-        for name in ("name", "version", "target"):
-            value = getattr(self, name)
-            if not value or len(value) > MAX_TEXT or not value.isprintable():
-                raise ProtocolError(f"{where}: field '{name}' must be 1-{MAX_TEXT} printable characters")
+        if not is_valid_id(self.name):
+            raise ProtocolError(f"{where}: field 'name' must be a model name (letters, digits, '.', '_', '-', "
+                                "1-64, starting with a letter or digit)")
         if self.rollout_id is not None and (len(self.rollout_id) > MAX_TEXT or not self.rollout_id.isprintable()):
             raise ProtocolError(f"{where}: field 'rollout_id' must be at most {MAX_TEXT} printable characters")
-        if not 0 < self.size <= MAX_PACKAGE_BYTES:
-            raise ProtocolError(f"{where}: field 'size' must be within 1..{MAX_PACKAGE_BYTES}")
-        if not MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE:
-            raise ProtocolError(f"{where}: field 'block_size' must be {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
         if not 0 < self.serial <= MAX_SERIAL:
             raise ProtocolError(f"{where}: field 'serial' must be within 1..2^63-1")
         if self.expires <= self.issued_at:
             raise ProtocolError(f"{where}: 'expires' is not after 'issued_at'")
+        if self.undeploy:
+            if self.rollback or any(getattr(self, f) for f in UNDEPLOY_EMPTY):
+                raise ProtocolError(f"{where}: an undeploy statement names no package (fields "
+                                    f"{', '.join(UNDEPLOY_EMPTY)} empty, rollback false)")
+            return
+        for name in ("package_id", "blocks_digest"):
+            if not is_sha256_hex(getattr(self, name)):
+                raise ProtocolError(f"{where}: field '{name}' must be 64 lowercase hex")
+        for name in ("version", "target"):
+            value = getattr(self, name)
+            if not value or len(value) > MAX_TEXT or not value.isprintable():
+                raise ProtocolError(f"{where}: field '{name}' must be 1-{MAX_TEXT} printable characters")
+        if not 0 < self.size <= MAX_PACKAGE_BYTES:
+            raise ProtocolError(f"{where}: field 'size' must be within 1..{MAX_PACKAGE_BYTES}")
+        if not MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"{where}: field 'block_size' must be {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
 
     def check_addressed(self, fleet: str, device: str, now: float) -> None:
         """TrustError unless this statement is for ``device`` of ``fleet`` and valid at ``now``."""
@@ -148,6 +162,16 @@ class SignedStatement:
             return verify_signature(fleet_keys, self.signed_bytes, self.signature)
         except SignatureError as exc:
             raise TrustError(f"statement serial {self.statement.serial} refused: {exc}") from None
+
+
+def undeploy_statement(fleet: str, device: str, name: str, serial: int, now: float,
+                       lifetime_s: float = DEFAULT_LIFETIME_S, rollout_id: str | None = None) -> DeploymentStatement:
+    """"Device ``device`` should no longer run model ``name``" (checked like a parsed one)."""
+    statement = DeploymentStatement(fleet=fleet, device=device, package_id="", name=name, version="", target="",
+                                    size=0, block_size=0, blocks_digest="", serial=serial, issued_at=now,
+                                    expires=now + lifetime_s, rollout_id=rollout_id, undeploy=True)
+    statement._check("undeploy statement")
+    return statement
 
 
 def sign_statement(statement: DeploymentStatement, fleet_key: Ed25519PrivateKey) -> SignedStatement:

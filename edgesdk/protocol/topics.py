@@ -22,9 +22,25 @@ def device_state(fleet: str, device_id: str) -> str:
     return _device(fleet, device_id, "state")
 
 
-def device_desired(fleet: str, device_id: str) -> str:
-    """Retained, QoS 1; the signed deployment statement, written only by the fleet service and operators."""
-    return _device(fleet, device_id, "desired")
+def device_desired(fleet: str, device_id: str, name: str) -> str:
+    """Retained, QoS 1; the signed deployment statement for model ``name`` on the device, written
+    only by the fleet service and operators. One topic per model name: a statement for one model
+    never replaces another's."""
+    return f"{_device(fleet, device_id, 'desired')}/{check_id(name, 'model name')}"
+
+
+def device_desired_filter(fleet: str, device_id: str) -> str:
+    """What a device subscribes to: the desired statements of all its models."""
+    return _device(fleet, device_id, "desired/+")
+
+
+def parse_desired_name(fleet: str, device_id: str, topic: str) -> str | None:
+    """The model name in a `devices/{id}/desired/{name}` topic of this device, or None."""
+    prefix = _device(fleet, device_id, "desired/")
+    if not topic.startswith(prefix):
+        return None
+    name = topic[len(prefix):]
+    return name if is_valid_id(name) else None
 
 
 def device_events(fleet: str, device_id: str) -> str:
@@ -43,7 +59,8 @@ def device_blocks(fleet: str, device_id: str) -> str:
 
 
 def devices_filter(fleet: str, leaf: str) -> str:
-    """Subscription filter over every device, e.g. devices_filter(f, 'telemetry')."""
+    """Subscription filter over every device, e.g. devices_filter(f, 'telemetry'); the desired
+    statements of every model of every device are devices_filter(f, 'desired/+')."""
     return f"{fleet_root(fleet)}/devices/+/{leaf}"
 
 
@@ -67,16 +84,17 @@ def parse_package_get(fleet: str, topic: str) -> str | None:
 
 
 def parse_device_topic(fleet: str, topic: str) -> tuple[str, str] | None:
-    """(device id, leaf) for `devices/{id}/{leaf}` topics of this fleet, else None."""
+    """(device id, leaf) for `devices/{id}/{leaf}` topics of this fleet, else None. The leaf of
+    `devices/{id}/desired/{name}` is `desired/{name}`."""
     prefix = f"{fleet_root(fleet)}/devices/"
     if not topic.startswith(prefix):
         return None
     parts = topic[len(prefix):].split("/")
+    if len(parts) == 3 and parts[1] == "desired" and is_valid_id(parts[2]):
+        parts = [parts[0], f"desired/{parts[2]}"]
     if len(parts) != 2 or not is_valid_id(parts[0]):
         return None
     return parts[0], parts[1]
-
-
 
 
 def trust_root_topic(fleet: str) -> str:

@@ -54,6 +54,8 @@ from edgesdk.signing import KeyPair, generate_keys, load_private_key, load_publi
 
 T = TypeVar("T")
 FLEET = "lab"
+MODEL = "mlp"  # the name of the v1/v2 test packages
+DET_MODEL = "det"  # the name of the second model of several-models tests
 VENV_BIN = Path(sys.executable).parent
 WAIT_S = 30.0  # upper bound of any single wait; a healthy run needs a fraction of it
 INPUT = "input"  # the tiny MLP's input name ([1, 64] float32)
@@ -73,7 +75,7 @@ ARM_PROFILE = {
 def device_topics(device_id: str) -> dict[str, str]:
     return {"state": protocol.device_state(FLEET, device_id), "events": protocol.device_events(FLEET, device_id),
             "telemetry": protocol.device_telemetry(FLEET, device_id),
-            "desired": protocol.device_desired(FLEET, device_id)}
+            "desired": protocol.device_desired_filter(FLEET, device_id)}
 
 
 # Secure brokers (tests/fixtures/broker.py SecureMosquitto) by URL: the agent tests run against
@@ -150,13 +152,14 @@ class PackageSet:
     v2: BuiltPackage
     arm: BuiltPackage  # built for ARM_PROFILE (aarch64)
     untrusted: BuiltPackage  # v1's files, signed by a key no agent trusts
+    det: BuiltPackage  # a second model name (DET_MODEL 1.0.0, input [1, 32]) for several-models tests
 
     def sign(self, statement: DeploymentStatement) -> SignedStatement:
         """``statement`` signed with the fleet key the test agents trust."""
         return sign_statement(statement, load_private_key(self.fleet_keys.private_path))
 
     def by_pid(self, pid: str) -> BuiltPackage:
-        for pkg in (self.v1, self.v2, self.arm, self.untrusted):
+        for pkg in (self.v1, self.v2, self.arm, self.untrusted, self.det):
             if pkg.pid == pid:
                 return pkg
         raise KeyError(pid)
@@ -191,11 +194,12 @@ def _build_package_set(root: Path) -> PackageSet:
     repo = root / "repo"
     x86 = load_builtin("x86-64-cpu")
 
-    def build(name: str, seed: int, version: str, profile: Any) -> BuiltPackage:
+    def build(name: str, seed: int, version: str, profile: Any, model_name: str = MODEL, **dims: int) -> BuiltPackage:
         out = root / name
-        model = mlp_model(out / f"{name}.onnx", seed=seed)
-        result = build_package(PackageRequest(model=model, target=profile, out_dir=out, name="mlp", version=version,
-                                              key_path=keys.private_path, bench_runs=3, synthetic_samples=8))
+        model = mlp_model(out / f"{name}.onnx", seed=seed, **dims)
+        result = build_package(PackageRequest(model=model, target=profile, out_dir=out, name=model_name,
+                                              version=version, key_path=keys.private_path, bench_runs=3,
+                                              synthetic_samples=8))
         return BuiltPackage(result.path, result.manifest, model, publish_package(result.path, repo, trusted))
 
     v1 = build("v1", 0, "1.0.0", x86)
@@ -213,7 +217,8 @@ def _build_package_set(root: Path) -> PackageSet:
                         load_private_key(rogue.private_path))
     # The repository serves what it is given: publish checks structure only for this one.
     untrusted = BuiltPackage(pkg, manifest, v1.model, publish_package(pkg, repo))
-    return PackageSet(root, keys, fleet_keys, repo, v1, v2, arm, untrusted)
+    det = build("det", 3, "1.0.0", x86, model_name=DET_MODEL, in_dim=32, hidden=64, out=4)
+    return PackageSet(root, keys, fleet_keys, repo, v1, v2, arm, untrusted, det)
 
 
 @dataclass
@@ -302,7 +307,7 @@ def _seed(packages: PackageSet, data_dir: Path) -> Path:
 
     if installer.install(packages.v1.statement("seed"), fetch) is not InstallOutcome.ACTIVE:
         raise AssertionError(f"seeding v1 failed: {events}")
-    model = host.swap(None)
+    model = host.swap(MODEL, None)
     if model is not None:
         model.session.close()
     return data_dir
@@ -348,13 +353,14 @@ def repository(broker_url: str, repo_dir: Path) -> Iterator[RepositoryServer]:
         yield server
 
 
-def publish_desired(broker_url: str, device_id: str, payload: bytes, timeout_s: float = 10.0) -> None:
-    """Write the device's retained desired message (any bytes: tests also send garbage)."""
+def publish_desired(broker_url: str, device_id: str, payload: bytes, timeout_s: float = 10.0,
+                    name: str = MODEL) -> None:
+    """Write the device's retained desired message for model ``name`` (any bytes: tests also send garbage)."""
     config = fast_broker(broker_url)
     client = make_client(f"test-fleet-{uuid.uuid4().hex[:8]}", config, clean_start=True)
     connect_blocking(client, config)
     try:
-        info = client.publish(protocol.device_desired(FLEET, device_id), payload, qos=1, retain=True)
+        info = client.publish(protocol.device_desired(FLEET, device_id, name), payload, qos=1, retain=True)
         info.wait_for_publish(timeout_s)
         if not info.is_published():
             raise AssertionError("broker did not acknowledge the desired message")
@@ -428,7 +434,8 @@ class Collector:
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        leaf = msg.topic.rsplit("/", 1)[-1]
+        parsed = protocol.parse_device_topic(FLEET, msg.topic)
+        leaf = parsed[1].split("/", 1)[0] if parsed else msg.topic.rsplit("/", 1)[-1]
         with self._cond:
             self.raw[leaf].append(msg.payload)
             try:
@@ -673,8 +680,8 @@ class Rig:
 
     def assert_v1_still_serving(self, agent: Any) -> None:
         assert self.served(agent.api.url) == "v1"
-        assert agent.store.active()["package_id"] == self.packages.v1.pid
-        assert agent.status()["active"]["package_id"] == self.packages.v1.pid
+        assert agent.store.active(MODEL)["package_id"] == self.packages.v1.pid
+        assert agent.status()["installs"][MODEL]["active"]["package_id"] == self.packages.v1.pid
         assert self.col.of_kind(InstallEventKind.ACTIVATED) == []
 
 

@@ -82,7 +82,7 @@ def test_deploy_installs_serves_and_reports_over_mqtt(secure_mosquitto, packages
 
         status = run_cli(["edge-agent", "status", "--config", str(config)], env)
         assert status.returncode == 0, status.stderr
-        assert f"active: mlp 1.0.0 ({packages.v1.pid[:12]})" in status.stdout
+        assert f"mlp@1.0.0 active ({packages.v1.pid[:12]})" in status.stdout
         assert f"variant {variant}" in status.stdout
 
         before = len(col.states)
@@ -138,11 +138,11 @@ def test_second_version_hot_swaps_under_load_and_keeps_previous(secure_mosquitto
         assert None not in served  # every answer was exactly v1's or v2's
         first_v2 = served.index("v2")
         assert set(served[:first_v2]) == {"v1"} and set(served[first_v2:]) == {"v2"}  # one switch, no flapping
-        assert agent.store.active()["package_id"] == packages.v2.pid
-        previous = agent.store.previous()
+        assert agent.store.active("mlp")["package_id"] == packages.v2.pid
+        previous = agent.store.previous("mlp")
         assert previous is not None and previous["package_id"] == packages.v1.pid
         assert agent.store.has_version(packages.v1.pid)  # kept on disk for a rollback
-        assert agent.status()["active"]["version"] == "2.0.0"
+        assert agent.status()["installs"]["mlp"]["active"]["version"] == "2.0.0"
         assert col.of_kind(K.FAILED) == []
 
 

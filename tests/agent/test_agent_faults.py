@@ -45,7 +45,7 @@ def test_ignores_desired_message_that_is_not_json(rig: Rig) -> None:
         refused = rig.col.wait_event(K.REFUSED, "")
         assert "not valid JSON" in refused.reason and "desired" in refused.reason
         rig.assert_v1_still_serving(agent)
-        assert agent.installer.last_error is None  # nothing was attempted
+        assert agent.installer.last_error == {}  # nothing was attempted
 
 
 def test_reports_package_missing_from_repository(rig: Rig) -> None:
@@ -113,7 +113,7 @@ def test_keeps_previous_when_every_candidate_fails_health_check(rig: Rig) -> Non
             assert f"{variant.id}@" in failed.reason
         assert rig.col.of_kind(K.SELECTED, v2.pid) == []
         rig.assert_v1_still_serving(agent)
-        assert agent.store.previous() is None  # v1 was not demoted, not even for a moment
+        assert agent.store.previous("mlp") is None  # v1 was not demoted, not even for a moment
 
 
 # -- the broker ------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_serves_while_broker_down_at_start_then_installs_desired(rig: Rig) -> No
         with repository(rig.broker.url, rig.packages.repo):
             rig.col.wait_event(K.ACTIVATED, rig.packages.v2.pid)
             assert rig.served(agent.api.url) == "v2"
-        assert agent.store.previous()["package_id"] == rig.packages.v1.pid
+        assert agent.store.previous("mlp")["package_id"] == rig.packages.v1.pid
         assert rig.col.of_kind(K.FAILED) == []
 
 
@@ -203,8 +203,8 @@ def test_agent_killed_during_install_restarts_serving_and_completes(rig: Rig, ki
         assert "Traceback" not in second.log()
 
     store = VersionStore(rig.data_dir)
-    assert store.active()["package_id"] == v2.pid
-    assert store.previous()["package_id"] == v1.pid
+    assert store.active("mlp")["package_id"] == v2.pid
+    assert store.previous("mlp")["package_id"] == v1.pid
     assert store.has_version(v1.pid) and store.has_version(v2.pid)
     leftovers = [p.name for p in (rig.data_dir / "versions").iterdir() if p.name.endswith(".partial")
                  or p.name.startswith(".trash-")]

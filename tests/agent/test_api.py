@@ -74,7 +74,7 @@ def double_plus_one(tmp_path: Path) -> ActiveModel:
 
 @pytest.fixture
 def server(host: ModelHost, double_plus_one: ActiveModel) -> Iterator[ApiServer]:
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     api = ApiServer("127.0.0.1", 0, host, status_fn=lambda: {"device_id": "dev-1", "model": "shadowed"},
                     limits=ApiLimits(max_body_bytes=4096))
     api.start()
@@ -96,16 +96,16 @@ X = np.arange(8, dtype=np.float32).reshape(2, 4)
     ({"x": np.array([["a"] * 4])}, "not numeric"),
 ])
 def test_feeds_that_do_not_fit_the_model_are_refused_in_one_line(host, double_plus_one, feeds, message) -> None:
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     with pytest.raises(InvalidInputError, match=message) as err:
         host.infer(feeds)
     assert "\n" not in str(err.value)
-    window = host.recorder.roll()
-    assert window.extra["rejected"] == 1 and window.errors == 0  # type: ignore[union-attr]
+    [window] = host.recorder.roll()
+    assert window.extra["rejected"] == 1 and window.errors == 0 and window.model == "affine"
 
 
 def test_integer_and_float64_feeds_are_cast_to_the_models_dtype(host, double_plus_one) -> None:
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     out = host.infer({"x": [[1, 2, 3, 4]]})["y"]
     assert out.dtype == np.float32 and out.tolist() == [[3, 5, 7, 9]]
 
@@ -122,18 +122,18 @@ def test_runtime_failure_is_a_model_error_not_a_rejection(host) -> None:
         def run(self, feeds):
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION :\n  kernel failed")
 
-    host.swap(active(Exploding()))
+    host.swap("affine", active(Exploding()))
     with pytest.raises(InferenceFailedError, match="kernel failed") as err:
         host.infer({"x": X})
     assert "\n" not in str(err.value)
-    window = host.recorder.roll()
-    assert (window.errors, window.extra["rejected"]) == (1, 0)  # type: ignore[union-attr]
+    [window] = host.recorder.roll()
+    assert (window.errors, window.extra["rejected"]) == (1, 0)
 
 
 def test_swap_while_many_threads_infer_loses_no_request_and_new_requests_see_new_model(
         tmp_path, host, double_plus_one) -> None:
     times_three = active(OrtSession(affine_model(tmp_path / "m3.onnx", 3.0, 0.0)), variant="onnx-int8")
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     stop, swapped = threading.Event(), threading.Event()
     errors: list[Exception] = []
     answers: list[tuple[bool, float]] = []  # (started after swap returned, y)
@@ -152,7 +152,7 @@ def test_swap_while_many_threads_infer_loses_no_request_and_new_requests_see_new
         t.start()
     while len(answers) < 300:
         threading.Event().wait(0.001)
-    old = host.swap(times_three)
+    old = host.swap("affine", times_three)
     swapped.set()
     seen = len(answers)
     while len(answers) < seen + 300:
@@ -183,12 +183,12 @@ def test_request_in_flight_on_the_old_model_finishes_on_it_and_drain_waits_for_i
             return {"y": np.full((1, 4), self.value, np.float32)}
 
     old_model, new_model = active(Blocking(1.0)), active(Blocking(2.0))
-    host.swap(old_model)
+    host.swap("affine", old_model)
     result: list[float] = []
     worker = threading.Thread(target=lambda: result.append(float(host.infer({"x": X[:1]})["y"][0, 0])))
     worker.start()
     assert entered.wait(5)
-    assert host.swap(new_model) is old_model
+    assert host.swap("affine", new_model) is old_model
     assert float(host.infer({"x": X[:1]})["y"][0, 0]) == 2.0  # swap did not wait for the old request
     assert host.in_flight(old_model) == 1
     assert host.drain(old_model, timeout_s=0.05) is False
@@ -269,7 +269,7 @@ def test_missing_length_and_unsupported_method_get_json_errors_too(server) -> No
 
 
 def test_client_stalling_mid_body_gets_408_and_the_server_keeps_serving(host, double_plus_one) -> None:
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     with ApiServer("127.0.0.1", 0, host, limits=ApiLimits(body_timeout_s=0.3)) as api:
         conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=5)
         conn.putrequest("POST", "/v1/infer")
@@ -282,11 +282,12 @@ def test_client_stalling_mid_body_gets_408_and_the_server_keeps_serving(host, do
 
 
 def test_no_active_model_is_a_503(server, host) -> None:
-    host.swap(None)
+    host.swap("affine", None)
     with pytest.raises(ApiError) as err:
         EdgeClient(server.url).infer({"x": X})
     assert err.value.status == 503 and "no model is active" in str(err.value)
-    assert EdgeClient(server.url).status()["model"] is None
+    status = EdgeClient(server.url).status()
+    assert status["model"] is None and status["models"] == {}
 
 
 def test_unknown_path_is_a_404(server) -> None:
@@ -303,6 +304,7 @@ def test_status_reports_the_active_model_uptime_and_daemon_fields(server) -> Non
     assert model["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 4]}]
     assert model["outputs"][0]["name"] == "y"
     assert status["uptime_s"] >= 0 and status["device_id"] == "dev-1"
+    assert status["models"] == {"affine": model}
 
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
@@ -310,14 +312,24 @@ SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[
 
 
 def _samples(text: str) -> dict[str, float]:
-    samples = {}
+    """Sample line -> value of a Prometheus text exposition; fails on a malformed line, a family
+    declared twice or a sample outside its declared family."""
+    samples: dict[str, float] = {}
+    declared: list[tuple[str, str]] = []
     for line in text.splitlines():
         if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+$", line), line
+            match = re.match(r"^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) .+$", line)
+            assert match, line
+            assert (match.group(1), match.group(2)) not in declared, f"declared twice: {line!r}"
+            declared.append((match.group(1), match.group(2)))
             continue
         match = SAMPLE.match(line)
         assert match, f"not a Prometheus sample line: {line!r}"
-        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+        family = declared[-1][1]
+        assert re.fullmatch(re.escape(family) + r"(_bucket|_sum|_count)?", match.group(1)), (family, line)
+        key = match.group(1) + (match.group(2) or "")
+        assert key not in samples, f"sample repeated: {line!r}"
+        samples[key] = float(match.group(3))
     return samples
 
 
@@ -329,14 +341,16 @@ def test_metrics_are_prometheus_text_and_count_requests(server) -> None:
         client.infer({"bad": X})
     text = client.metrics_text()
     samples = _samples(text)
-    assert samples['edge_inference_requests_total{status="ok"}'] == 3
-    assert samples['edge_inference_requests_total{status="error"}'] == 1
-    assert samples["edge_inference_rejected_total"] == 1
-    assert samples["edge_inference_latency_ms_count"] == 3
-    assert samples['edge_inference_latency_ms_bucket{le="+Inf"}'] == 3
-    assert 'edge_inference_latency_quantile_ms{quantile="0.99"}' in samples
+    assert samples['edge_inference_requests_total{model="affine",status="ok"}'] == 3
+    assert samples['edge_inference_requests_total{model="affine",status="error"}'] == 1
+    assert samples['edge_inference_requests_total{status="error"}'] == 0  # none refused before a model
+    assert samples['edge_inference_rejected_total{model="affine"}'] == 1
+    assert samples['edge_inference_latency_ms_count{model="affine"}'] == 3
+    assert samples['edge_inference_latency_ms_bucket{model="affine",le="+Inf"}'] == 3
+    assert 'edge_inference_latency_quantile_ms{model="affine",quantile="0.99"}' in samples
     info = [k for k in samples if k.startswith("edge_model_info{")]
-    assert info and 'variant="onnx-fp32"' in info[0] and 'provider="CPUExecutionProvider"' in info[0]
+    assert len(info) == 1 and 'variant="onnx-fp32"' in info[0] and 'provider="CPUExecutionProvider"' in info[0]
+    assert samples["edge_model_active"] == 1 and samples["edge_models_active"] == 1
     assert samples["process_resident_memory_bytes"] > 0
 
 
@@ -372,7 +386,7 @@ def test_client_reports_an_unreachable_agent_as_an_edge_error(server) -> None:
 
 
 def test_client_keeps_one_connection_and_reopens_it_after_a_server_restart(host, double_plus_one) -> None:
-    host.swap(double_plus_one)
+    host.swap("affine", double_plus_one)
     with ApiServer("127.0.0.1", 0, host) as api:
         port = api.port
         client = EdgeClient(api.url)

@@ -55,7 +55,7 @@ def affine(tmp_path: Path, host: ModelHost) -> ActiveModel:
     model.ir_version = 8
     onnx.save(model, tmp_path / "affine.onnx")
     active = serving(runtime.open_session(tmp_path / "affine.onnx", "onnxruntime", "CPUExecutionProvider"))
-    host.swap(active)
+    host.swap(active.name, active)
     return active
 
 
@@ -131,7 +131,7 @@ def _check_concurrent_callers(tmp_path: Path, host: ModelHost, api_factory: Call
                               rt: str, provider: str) -> None:
     session, feeds = _mlp_case(tmp_path, rt, provider)
     expected = [session.run(f) for f in feeds]  # the single-threaded answers
-    host.swap(serving(session))
+    host.swap("m", serving(session))
     api = api_factory(limits=ApiLimits(max_concurrency=CALLERS))
     errors, wrong = call_concurrently(api, feeds, expected)
     assert errors == [] and wrong == 0
@@ -157,7 +157,7 @@ def test_concurrent_callers_on_litert_all_succeed_and_match(tmp_path, host, api_
     rng = np.random.default_rng(5)
     feeds = [{"x": rng.normal(size=(1 + 5 * i, 256)).astype(np.float32)} for i in range(CALLERS)]
     expected = [session.run(f) for f in feeds]
-    host.swap(serving(session))
+    host.swap("m", serving(session))
     api = api_factory(limits=ApiLimits(max_concurrency=CALLERS))
     errors, wrong = call_concurrently(api, feeds, expected)
     assert errors == [] and wrong == 0
@@ -316,7 +316,7 @@ def _peak_rss_since_reset() -> Callable[[], int]:
 def test_decoding_happens_inside_concurrency_limit(tmp_path, host, api_factory) -> None:
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to measure peak RSS")
-    host.swap(_slow_sum(tmp_path))
+    host.swap("m", _slow_sum(tmp_path))
     rows = np.random.default_rng(0).random((150_000, 4)).round(6)
     body = json.dumps({"inputs": {"x": rows.tolist()}}).encode()  # ~6 MB; ~6x that once decoded
     n = 4
@@ -362,8 +362,8 @@ def test_request_waiting_past_queue_timeout_for_a_slot_gets_503(tmp_path, host, 
             release.wait(30)
             return {"y": feeds["x"]}
 
-    host.swap(ActiveModel(session=Blocking(), package_id="ef" * 32, name="b", version="1", variant="v",
-                          provider="CPU", runtime="test"))
+    host.swap("b", ActiveModel(session=Blocking(), package_id="ef" * 32, name="b", version="1", variant="v",
+                               provider="CPU", runtime="test"))
     api = api_factory(limits=ApiLimits(max_concurrency=1, queue_timeout_s=0.3))
     first = threading.Thread(target=lambda: EdgeClient(api.url).infer({"x": X}))
     first.start()
@@ -446,3 +446,28 @@ def test_chunked_body_after_a_status_request_is_not_read_as_a_second_request(aff
         while chunk := sock.recv(65536):  # the server closes after its one answer
             answers += chunk
     assert answers.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answers
+
+
+# -- model names in the path ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("segment", [
+    b"..%2f", b"..", b"%2e%2e%2f%2e%2e", b"m%2f..%2fm", b"a" * 10_000, b"m" * 65, b"%00", b"m%00", b"\x00",
+    b"%ff%fe", "d\u00e9tecteur".encode(), "%E2%80%AEm".encode(), b"-m", b"$SYS", b"m;rm", b"%", b"",
+], ids=["dotdot-encoded-slash", "dotdot", "encoded-dotdot", "traversal", "10k-chars", "65-chars", "nul-encoded",
+        "m-nul", "nul-raw", "bad-utf8", "unicode-raw", "bidi-override", "leading-dash", "dollar", "semicolon",
+        "lone-percent", "empty"])
+def test_hostile_model_names_in_the_path_are_a_one_line_404(affine, api_factory, segment) -> None:
+    api = api_factory(limits=ApiLimits(workers=2))
+    threads_before = threading.active_count()
+    host_header = f"127.0.0.1:{api.port}".encode()
+    for method, path in ((b"POST", b"/v1/models/" + segment + b"/infer"), (b"GET", b"/v1/models/" + segment)):
+        status, _, body = raw_request(api.port, method + b" " + path + b" HTTP/1.1\r\nHost: " + host_header
+                                      + b"\r\nContent-Type: application/json\r\nContent-Length: 26\r\n\r\n"
+                                      + b'{"inputs": {"x": [[1,2]]}}')
+        error = json.loads(body)["error"]
+        assert status == 404, (method, status, error)
+        assert "\n" not in error and len(error) < 400 and "a" * 65 not in error and "m" * 65 not in error
+    assert api.requests() == {"ok": 0, "error": 1}  # the POST, under no model
+    assert threading.active_count() == threads_before
+    assert serves_normally(api)
+    assert EdgeClient(api.url).infer({"x": X}, model="m")["y"].tolist() == (X * 2 + 1).tolist()

@@ -99,7 +99,7 @@ def test_replayed_older_statement_is_refused(rig: Rig) -> None:
         publish_desired(rig.broker.url, rig.device, captured.to_json())
         assert "replayed statement" in refused(rig)
         assert rig.served(agent.api.url) == "v2"
-        assert agent.status()["statements"]["last_serial"] > captured.statement.serial
+        assert agent.status()["statements"]["serials"]["mlp"] > captured.statement.serial
 
 
 def test_statement_naming_other_version_than_its_package_is_refused(rig: Rig) -> None:

@@ -94,9 +94,9 @@ def test_valid_statement_is_accepted_and_its_serial_recorded(tmp_path: Path, key
     accepted = guard.accept(st, running())
 
     assert accepted == Accepted(st, key_id(keys.public("fleet")[0]), redelivered=False)
-    assert guard.last_serial == 100
+    assert guard.last_serial("detector") == 100
     state = json.loads((tmp_path / "data" / STATE).read_bytes())
-    assert state["serial"] == 100
+    assert state["names"]["detector"]["serial"] == 100
 
 
 @pytest.mark.parametrize("attack", ["untrusted-key", "other-device", "other-fleet", "expired", "future"])
@@ -111,7 +111,7 @@ def test_refused_statement_records_nothing(tmp_path: Path, keys: Keys, clock: Cl
     with pytest.raises(TrustError):
         guard.accept(st, running())
 
-    assert guard.last_serial == 0
+    assert guard.last_serial("detector") == 0
     assert not (tmp_path / "data" / STATE).exists()
     guard.accept(signed(keys), running())  # a good statement still gets through afterwards
 
@@ -130,11 +130,11 @@ def test_replayed_statement_is_refused(tmp_path: Path, keys: Keys, clock: Clock)
     guard.accept(old, running())
     guard.accept(signed(keys, serial=100, version="1.1.0"), running())
 
-    with pytest.raises(TrustError, match="replayed statement: serial 50 is not above the last accepted 100"):
+    with pytest.raises(TrustError, match="replayed statement: serial 50 for detector is not above the last accepted 100"):
         guard.accept(old, running())  # an older, validly signed statement (captured earlier)
     with pytest.raises(TrustError, match="replayed"):
         guard.accept(signed(keys, serial=100, version="1.2.0"), running())  # equal serial, other bytes
-    assert guard.last_serial == 100
+    assert guard.last_serial("detector") == 100
 
 
 def test_redelivered_retained_statement_is_not_a_replay(tmp_path: Path, keys: Keys, clock: Clock):
@@ -146,7 +146,7 @@ def test_redelivered_retained_statement_is_not_a_replay(tmp_path: Path, keys: Ke
     accepted = guard.accept(again, running(detector="1.2.0"))
 
     assert accepted.redelivered is True
-    assert guard.last_serial == 100
+    assert guard.last_serial("detector") == 100
     # and after a restart the same bytes are still recognised
     restarted = make_guard(tmp_path / "data", keys, clock)
     assert restarted.accept(again, running(detector="1.2.0")).redelivered is True
@@ -167,7 +167,7 @@ def test_serial_survives_restart(tmp_path: Path, keys: Keys, clock: Clock):
 
     restarted = make_guard(tmp_path / "data", keys, clock)
 
-    assert restarted.last_serial == 200
+    assert restarted.last_serial("detector") == 200
     with pytest.raises(TrustError, match="replayed"):
         restarted.accept(signed(keys, serial=150), running())
     assert restarted.accept(signed(keys, serial=250), running()).redelivered is False
@@ -199,7 +199,7 @@ def test_corrupt_guard_state_refuses_old_statements(tmp_path: Path, keys: Keys, 
     restarted = make_guard(tmp_path / "data", keys, clock)
 
     # Lost state must not reopen the door to replays: only statements issued from now on count.
-    assert restarted.last_serial >= int(clock.now * 1_000_000)
+    assert restarted.last_serial("detector") >= int(clock.now * 1_000_000)
     with pytest.raises(TrustError, match="replayed"):
         restarted.accept(captured, running())
     with pytest.raises(TrustError, match="replayed"):
@@ -212,9 +212,9 @@ def test_downgrade_is_refused_unless_rollback(tmp_path: Path, keys: Keys, clock:
     guard = make_guard(tmp_path / "data", keys, clock)
     device_runs = running(detector="1.10.0")
 
-    with pytest.raises(TrustError, match="downgrade refused: detector 1.9.0 is below the running 1.10.0"):
+    with pytest.raises(TrustError, match="downgrade refused: detector@1.9.0 is below the running detector@1.10.0"):
         guard.accept(signed(keys, serial=100, version="1.9.0"), device_runs)
-    assert guard.last_serial == 0  # a refused downgrade does not burn the serial
+    assert guard.last_serial("detector") == 0  # a refused downgrade does not burn the serial
 
     rollback = guard.accept(signed(keys, serial=101, version="1.9.0", rollback=True), device_runs)
     assert rollback.redelivered is False and rollback.signed.statement.rollback
@@ -242,11 +242,11 @@ def test_full_disk_when_recording_serial_is_storage_error(small_disk: SmallDisk,
         guard.accept(st, running())
 
     assert info.value.disk_full
-    assert guard.last_serial == 0  # not obeyed, so not recorded: it is no replay once space is back
+    assert guard.last_serial("detector") == 0  # not obeyed, so not recorded: it is no replay once space is back
     assert sorted(p.name for p in (small_disk.path / "data" / "trust").iterdir()) == []  # no temp file left
     small_disk.free()
     assert guard.accept(st, running()).redelivered is False
-    assert make_guard(small_disk.path / "data", keys, clock).last_serial == 100
+    assert make_guard(small_disk.path / "data", keys, clock).last_serial("detector") == 100
 
 
 # -- the trust root -------------------------------------------------------------------------------
@@ -362,3 +362,43 @@ def test_corrupt_stored_root_falls_back_to_the_provisioned_one(tmp_path: Path, k
     (tmp_path / "data" / "trust" / "root.json").write_bytes(b'{"signed": garbage')
     guard = make_guard(tmp_path / "data", keys, clock, trust_root=raw_v1)
     assert guard.root.version == 1
+
+
+# -- several models: serials per name --------------------------------------------------------------
+def test_serials_are_per_model_name(tmp_path: Path, keys: Keys, clock: Clock):
+    """Deploying the recogniser (serial 300) must not make the detector's current statement
+    (serial 200, still retained and redelivered) look like a replay; a replay within one name is
+    still refused."""
+    guard = make_guard(tmp_path / "data", keys, clock)
+    detector = signed(keys, serial=200)
+    guard.accept(detector, running())
+    guard.accept(signed(keys, serial=300, name="recogniser"), running())
+
+    assert guard.accept(detector, running(detector="1.2.0")).redelivered
+    assert guard.accept(signed(keys, serial=250), running(detector="1.2.0")).redelivered is False
+    with pytest.raises(TrustError, match="serial 260 for recogniser is not above the last accepted 300"):
+        guard.accept(signed(keys, serial=260, name="recogniser"), running())
+    assert guard.serials() == {"detector": 250, "recogniser": 300}
+    restarted = make_guard(tmp_path / "data", keys, clock)
+    assert restarted.serials() == {"detector": 250, "recogniser": 300}
+
+
+def test_single_model_guard_state_bounds_every_name(tmp_path: Path, keys: Keys, clock: Clock):
+    """The state file of an agent from before per-name serials: its serial is a floor for all names."""
+    (tmp_path / "data" / "trust").mkdir(parents=True)
+    (tmp_path / "data" / STATE).write_text(json.dumps({"serial": 500, "statement_sha256": "00" * 32}))
+    guard = make_guard(tmp_path / "data", keys, clock)
+
+    with pytest.raises(TrustError, match="replayed statement"):
+        guard.accept(signed(keys, serial=400, name="recogniser"), running())
+    guard.accept(signed(keys, serial=600, name="recogniser"), running())
+
+
+def test_undeploy_statement_is_never_a_downgrade(tmp_path: Path, keys: Keys, clock: Clock):
+    from edgesdk.protocol import undeploy_statement
+
+    guard = make_guard(tmp_path / "data", keys, clock)
+    statement = undeploy_statement(FLEET, DEVICE, "detector", 700, NOW - 60)
+    wire = SignedStatement.from_json(sign_statement(statement, keys.private("fleet")[0]).to_json(), "desired")
+
+    assert guard.accept(wire, running(detector="9.0")).signed.statement.undeploy

@@ -63,14 +63,14 @@ def test_full_disk_during_install_keeps_the_active_version(tmp_path: Path, keys,
     store = VersionStore(small_disk.path / "data")
     old = make_package(tmp_path, private, "1.0", size=8 * 1024)
     store.stage("detector-1", lambda d: extract_package(old, d, [public]))
-    store.activate("detector-1", SELECTION)
+    store.activate("detector", "detector-1", SELECTION)
     new = make_package(tmp_path, private, "2.0", size=1024 * 1024)
 
     with pytest.raises(StorageError, match="disk full") as err:
         store.stage("detector-2", lambda d: extract_package(new, d, [public]))
 
     assert err.value.disk_full
-    assert store.installed() == ["detector-1"] and store.active()["package_id"] == "detector-1"
+    assert store.installed() == ["detector-1"] and store.active("detector")["package_id"] == "detector-1"
     assert store.recover() == []  # nothing half-installed was left behind
 
 
@@ -80,14 +80,14 @@ def test_read_only_disk_makes_activation_a_storage_error(tmp_path: Path, keys, s
     for i, version in ((1, "1.0"), (2, "2.0")):
         pkg = make_package(tmp_path, private, version, size=4096)
         store.stage(f"detector-{i}", lambda d, pkg=pkg: extract_package(pkg, d, [public]))
-    store.activate("detector-1", SELECTION)
+    store.activate("detector", "detector-1", SELECTION)
     small_disk.read_only()
 
     with pytest.raises(StorageError, match="read-only file system") as err:
-        store.activate("detector-2", SELECTION)
+        store.activate("detector", "detector-2", SELECTION)
 
     assert err.value.errno == errno.EROFS
-    assert store.active()["package_id"] == "detector-1"
+    assert store.active("detector")["package_id"] == "detector-1"
     with pytest.raises(StorageError, match="read-only"):
         store.gc(keep=1)
 
@@ -120,12 +120,12 @@ def test_read_only_disk_makes_spool_ack_a_storage_error(small_disk) -> None:
 def test_full_disk_makes_telemetry_roll_a_storage_error_and_never_reuses_a_seq(small_disk) -> None:
     state = small_disk.path / "telemetry" / "state.json"
     recorder = LatencyRecorder(state, probe=lambda: ProcessStats(None, None))
-    assert recorder.roll().seq == 0
+    assert recorder.roll()[0].seq == 0
     small_disk.fill()
 
     with pytest.raises(StorageError, match="disk full"):
         recorder.roll()
 
     small_disk.free()
-    assert recorder.roll().seq == 2  # seq 1 went with the lost window; it is never sent twice
+    assert recorder.roll()[0].seq == 2  # seq 1 went with the lost window; it is never sent twice
     assert LatencyRecorder(state, probe=lambda: ProcessStats(None, None)).next_seq == 3

@@ -50,10 +50,10 @@ def extract(dest):
 store = VersionStore(data_dir, checkpoint=checkpoint)
 if action == "install":
     store.stage(package_id, extract)
-    store.activate(package_id, {"variant": "onnx-fp32", "runtime": "onnxruntime",
+    store.activate("detector", package_id, {"variant": "onnx-fp32", "runtime": "onnxruntime",
                                 "provider": "CPUExecutionProvider"})
 elif action == "rollback":
-    store.rollback()
+    store.rollback("detector")
 elif action == "gc":
     store.gc(keep=2)
 print("done", flush=True)
@@ -66,24 +66,24 @@ def keys(tmp_path: Path):
     return load_private_key(pair.private_path), pair.public_path
 
 
-def make_package(tmp_path: Path, keys, version: str, size: int = 4096) -> Path:
+def make_package(tmp_path: Path, keys, version: str, size: int = 4096, name: str = "detector") -> Path:
     private, _ = keys
-    src = tmp_path / f"src-{version}"
+    src = tmp_path / f"src-{name}-{version}"
     src.mkdir()
     (src / "model.onnx").write_bytes(version.encode() * (size // len(version)))
     (src / "weights.bin").write_bytes(os.urandom(size))
     manifest = Manifest(
-        name="detector", version=version, target="x86-64-cpu", source={"filename": "m.onnx"},
+        name=name, version=version, target="x86-64-cpu", source={"filename": "m.onnx"},
         inputs=[TensorSpec("x", "float32", (1, 3))], outputs=[TensorSpec("y", "float32", (1, 2))],
         variants=[Variant(id="onnx-fp32", kind="onnx-fp32", format="onnx", precision="fp32",
                           runtime="onnxruntime", file="model.onnx", files=["model.onnx", "weights.bin"])])
-    return write_package(tmp_path / f"detector-{version}.edgepkg", manifest,
+    return write_package(tmp_path / f"{name}-{version}.edgepkg", manifest,
                          {"model.onnx": src / "model.onnx", "weights.bin": src / "weights.bin"}, private)
 
 
-def install(store: VersionStore, package_id: str, package: Path, keys) -> None:
+def install(store: VersionStore, package_id: str, package: Path, keys, name: str = "detector") -> None:
     store.stage(package_id, lambda dest: extract_package(package, dest, [load_public_key(keys[1])]))
-    store.activate(package_id, SELECTION)
+    store.activate(name, package_id, SELECTION)
 
 
 def assert_complete(folder: Path) -> None:
@@ -147,11 +147,11 @@ def test_killed_during_install_restarts_into_old_or_new_version(
     report = store.recover()
 
     assert kill_at == "never" or passed[-1] == kill_at
-    active = store.active()
+    active = store.active("detector")
     assert active is not None and active["package_id"] == expected_active
     assert_complete(store.install_dir(active["package_id"]))
     if expected_active == "detector-2":
-        assert store.previous()["package_id"] == "detector-1"
+        assert store.previous("detector")["package_id"] == "detector-1"
     if store.install_dir("detector-2").exists():  # never a half version under its final name
         assert_complete(store.install_dir("detector-2"))
     assert_no_leftovers(data_dir)
@@ -160,8 +160,8 @@ def test_killed_during_install_restarts_into_old_or_new_version(
         assert [(n.kind, n.package_id) for n in report] == [("abandoned_install", "detector-2")]
 
     install(store, "detector-2", package, keys)  # the agent retries the install, and it works
-    assert store.active()["package_id"] == "detector-2"
-    assert store.previous()["package_id"] == "detector-1"
+    assert store.active("detector")["package_id"] == "detector-2"
+    assert store.previous("detector")["package_id"] == "detector-1"
 
 
 @pytest.mark.parametrize("kill_at", ["before-replace", "after-replace"])
@@ -175,7 +175,7 @@ def test_killed_during_rollback_leaves_one_of_the_two_versions_active(
     store.recover()
 
     expected = "detector-2" if kill_at == "before-replace" else "detector-1"
-    assert store.active()["package_id"] == expected
+    assert store.active("detector")["package_id"] == expected
     assert_complete(store.install_dir(expected))
     assert_no_leftovers(data_dir)
 
@@ -192,7 +192,7 @@ def test_killed_during_gc_leaves_each_version_complete_or_gone(installed_old, ke
 
     assert store.installed() == ["detector-2", "detector-3"]
     assert any(".trash-detector-1" in note.reason and note.kind == "cleaned" for note in report)
-    assert store.active()["package_id"] == "detector-3"
+    assert store.active("detector")["package_id"] == "detector-3"
     assert_no_leftovers(data_dir)
 
 
@@ -201,14 +201,14 @@ def test_rollback_swaps_active_and_previous(installed_old, keys) -> None:
     store = VersionStore(data_dir, clock=lambda: 1_700_000_000.0)
     install(store, "detector-2", package, keys)
 
-    restored = store.rollback()
+    restored = store.rollback("detector")
 
     assert restored["package_id"] == "detector-1" and restored["provider"] == "CPUExecutionProvider"
     assert restored["activated_at"] == "2023-11-14T22:13:20Z"
-    assert store.active() == restored
-    assert store.previous()["package_id"] == "detector-2"
+    assert store.active("detector") == restored
+    assert store.previous("detector")["package_id"] == "detector-2"
     state = json.loads((data_dir / "active.json").read_text())
-    assert set(state) == {"active", "previous"}
+    assert set(state) == {"version", "models", "removed"} and set(state["models"]) == {"detector"}
 
 
 def test_rollback_without_previous_fails_and_changes_nothing(installed_old) -> None:
@@ -217,7 +217,7 @@ def test_rollback_without_previous_fails_and_changes_nothing(installed_old) -> N
     before = (data_dir / "active.json").read_bytes()
 
     with pytest.raises(InstallError, match="no previous version"):
-        store.rollback()
+        store.rollback("detector")
 
     assert (data_dir / "active.json").read_bytes() == before
 
@@ -228,9 +228,9 @@ def test_rollback_to_a_deleted_version_fails(installed_old, keys) -> None:
     install(store, "detector-2", package, keys)
     (store.install_dir("detector-1") / "weights.bin").unlink()
 
-    with pytest.raises(InstallError, match="cannot roll back to detector-1: weights.bin is missing"):
-        store.rollback()
-    assert store.active()["package_id"] == "detector-2"
+    with pytest.raises(InstallError, match="cannot roll back detector to detector-1: weights.bin is missing"):
+        store.rollback("detector")
+    assert store.active("detector")["package_id"] == "detector-2"
 
 
 @pytest.mark.parametrize("damage, why", [
@@ -246,7 +246,7 @@ def test_recover_falls_back_to_previous_when_active_folder_is_broken(installed_o
 
     report = VersionStore(data_dir).recover()
 
-    assert store.active()["package_id"] == "detector-1" and store.previous() is None
+    assert store.active("detector")["package_id"] == "detector-1" and store.previous("detector") is None
     assert len(report) == 1 and why in report[0].reason
     assert report[0].kind == "rolled_back" and report[0].package_id == "detector-2"  # the broken one
     assert "fell back to previous version detector-1" in report[0].reason
@@ -259,8 +259,8 @@ def test_recover_with_broken_active_and_no_previous_leaves_nothing_active(instal
 
     report = store.recover()
 
-    assert store.active() is None
-    assert report == [RecoveryNote("deactivated", "detector-1", report[0].reason)]
+    assert store.active("detector") is None
+    assert report == [RecoveryNote("deactivated", "detector-1", report[0].reason, "detector")]
     assert "no previous version" in report[0].reason
 
 
@@ -271,7 +271,7 @@ def test_recover_moves_a_corrupt_state_file_aside(installed_old) -> None:
     report = VersionStore(data_dir).recover()
 
     assert report[0].kind == "state_reset" and "corrupt state file" in report[0].reason
-    assert VersionStore(data_dir).active() is None
+    assert VersionStore(data_dir).active("detector") is None
     assert list(data_dir.glob("active.json.corrupt-*"))
 
 
@@ -289,7 +289,7 @@ def test_failed_extraction_leaves_nothing_and_keeps_the_active_version(installed
         store.stage("detector-2", lambda dest: extract_package(package, dest, [stranger]))
 
     assert store.installed() == ["detector-1"]
-    assert store.active()["package_id"] == "detector-1"
+    assert store.active("detector")["package_id"] == "detector-1"
     assert_no_leftovers(data_dir)
 
 
@@ -300,10 +300,10 @@ def test_activate_refuses_an_incomplete_version(installed_old, keys) -> None:
     (store.install_dir("detector-2") / "model.onnx").unlink()
 
     with pytest.raises(InstallError, match="cannot activate detector-2: model.onnx is missing"):
-        store.activate("detector-2", SELECTION)
+        store.activate("detector", "detector-2", SELECTION)
     with pytest.raises(InstallError, match="selection needs a string 'provider'"):
-        store.activate("detector-1", {"variant": "onnx-fp32", "runtime": "onnxruntime"})
-    assert store.active()["package_id"] == "detector-1"
+        store.activate("detector", "detector-1", {"variant": "onnx-fp32", "runtime": "onnxruntime"})
+    assert store.active("detector")["package_id"] == "detector-1"
 
 
 @pytest.mark.parametrize("package_id", ["../evil", "a/b", ".hidden", "x.partial", "", "a" * 200])
@@ -320,10 +320,10 @@ def test_reactivating_the_same_version_keeps_the_older_previous(installed_old, k
     store = VersionStore(data_dir)
     install(store, "detector-2", package, keys)
 
-    store.activate("detector-2", {**SELECTION, "provider": "OpenVINOExecutionProvider"})
+    store.activate("detector", "detector-2", {**SELECTION, "provider": "OpenVINOExecutionProvider"})
 
-    assert store.active()["provider"] == "OpenVINOExecutionProvider"
-    assert store.previous()["package_id"] == "detector-1"
+    assert store.active("detector")["provider"] == "OpenVINOExecutionProvider"
+    assert store.previous("detector")["package_id"] == "detector-1"
 
 
 def test_gc_keeps_active_and_previous_and_removes_the_rest(installed_old, keys, tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ def test_gc_with_keep_one_forgets_the_previous_version(installed_old, keys) -> N
     install(store, "detector-2", package, keys)
 
     assert store.gc(keep=1) == ["detector-1"]
-    assert store.previous() is None
+    assert store.previous("detector") is None
     with pytest.raises(InstallError):
         store.gc(keep=0)
 
@@ -360,3 +360,91 @@ def test_staging_an_installed_unused_version_replaces_it_whole(installed_old, ke
     store.stage("detector-2", lambda dest: extract_package(package, dest, [load_public_key(keys[1])]))
 
     assert_complete(store.install_dir("detector-2"))
+
+
+# -- several model names ---------------------------------------------------------------------------
+
+def _other_package(tmp_path: Path, keys, name: str, version: str) -> Path:
+    return make_package(tmp_path, keys, version, name=name)
+
+
+def test_each_name_has_its_own_active_and_previous_version(installed_old, keys, tmp_path: Path) -> None:
+    data_dir, package = installed_old
+    store = VersionStore(data_dir)
+    install(store, "recogniser-1", _other_package(tmp_path, keys, "recogniser", "1.0"), keys, name="recogniser")
+    install(store, "detector-2", package, keys)
+
+    assert store.names() == ["detector", "recogniser"]
+    assert store.active("recogniser")["package_id"] == "recogniser-1" and store.previous("recogniser") is None
+    assert store.active("detector")["package_id"] == "detector-2"
+    assert store.previous("detector")["package_id"] == "detector-1"
+
+    store.rollback("detector")  # one name's rollback never moves another
+    assert store.active("detector")["package_id"] == "detector-1"
+    assert store.active("recogniser")["package_id"] == "recogniser-1"
+    with pytest.raises(InstallError, match="recogniser has no previous version"):
+        store.rollback("recogniser")
+
+
+def test_gc_keeps_every_names_versions(installed_old, keys, tmp_path: Path) -> None:
+    data_dir, package = installed_old
+    store = VersionStore(data_dir)
+    install(store, "recogniser-1", _other_package(tmp_path, keys, "recogniser", "1.0"), keys, name="recogniser")
+    install(store, "detector-2", package, keys)
+    install(store, "detector-3", make_package(tmp_path, keys, "3.0"), keys)
+
+    assert store.gc() == ["detector-1"]
+    assert store.installed() == ["detector-2", "detector-3", "recogniser-1"]
+
+
+def test_an_undeployed_name_keeps_its_disk_for_the_grace_period_then_frees_it(installed_old, keys,
+                                                                              tmp_path: Path) -> None:
+    data_dir, package = installed_old
+    now = [1000.0]
+    store = VersionStore(data_dir, clock=lambda: now[0])
+    install(store, "recogniser-1", _other_package(tmp_path, keys, "recogniser", "1.0"), keys, name="recogniser")
+
+    assert store.deactivate("recogniser") == ["recogniser-1"]
+    assert store.names() == ["detector"] and store.active("recogniser") is None
+    assert store.gc(grace_s=600) == [] and "recogniser-1" in store.installed()
+    now[0] += 601
+    assert store.gc(grace_s=600) == ["recogniser-1"]
+    assert store.installed() == ["detector-1"] and store.active("detector")["package_id"] == "detector-1"
+    assert store.deactivate("recogniser") == []  # not installed: nothing to do
+
+
+def test_redeploying_within_the_grace_period_keeps_the_version(installed_old, keys, tmp_path: Path) -> None:
+    data_dir, _ = installed_old
+    now = [1000.0]
+    store = VersionStore(data_dir, clock=lambda: now[0])
+    store.deactivate("detector")
+    store.activate("detector", "detector-1", SELECTION)  # back before the grace period ran out
+    now[0] += 10_000
+
+    assert store.gc(grace_s=600) == []
+    assert store.active("detector")["package_id"] == "detector-1"
+
+
+def test_a_single_model_state_file_of_an_older_agent_is_read_as_its_models_name(installed_old) -> None:
+    data_dir, _ = installed_old
+    record = {**SELECTION, "package_id": "detector-1", "activated_at": "2026-01-01T00:00:00Z"}
+    (data_dir / "active.json").write_text(json.dumps({"active": record, "previous": None}))
+
+    store = VersionStore(data_dir)
+    assert store.recover() == []
+    assert store.names() == ["detector"] and store.active("detector")["package_id"] == "detector-1"
+    assert json.loads((data_dir / "active.json").read_text())["version"] == 2  # rewritten in the new form
+
+
+def test_a_broken_version_of_one_name_rolls_back_only_that_name(installed_old, keys, tmp_path: Path) -> None:
+    data_dir, package = installed_old
+    store = VersionStore(data_dir)
+    install(store, "recogniser-1", _other_package(tmp_path, keys, "recogniser", "1.0"), keys, name="recogniser")
+    install(store, "detector-2", package, keys)
+    (store.install_dir("detector-2") / "weights.bin").unlink()
+
+    report = VersionStore(data_dir).recover()
+
+    assert [(n.kind, n.name) for n in report] == [("rolled_back", "detector")]
+    assert store.active("detector")["package_id"] == "detector-1"
+    assert store.active("recogniser")["package_id"] == "recogniser-1"
