@@ -174,7 +174,7 @@ def parse_config(data: Any, source: str, base_dir: Path) -> AgentConfig:
         target=target,
         memory_budget_mb=(None if data.get("memory_budget_mb") is None
                           else check.positive("memory_budget_mb", data["memory_budget_mb"])),
-        undeploy_grace_s=check.positive("undeploy_grace_s", data.get("undeploy_grace_s", 24 * 3600)),
+        undeploy_grace_s=check.non_negative("undeploy_grace_s", data.get("undeploy_grace_s", 24 * 3600)),
         spool_max_windows=check.count("spool_max_windows", data.get("spool_max_windows", 10000)),
         stall_timeout_s=check.positive("stall_timeout_s", data.get("stall_timeout_s", 60)),
         log_level=log_level, source=source, public_keys=tuple(public_keys), target_profile=profile,
@@ -299,6 +299,9 @@ class _Checker:
 
     def positive(self, key: str, value: Any) -> float:
         return float(self._number(key, value, lambda v: v > 0 and v != float("inf"), "a number > 0"))
+
+    def non_negative(self, key: str, value: Any) -> float:
+        return float(self._number(key, value, lambda v: v >= 0 and v != float("inf"), "a number >= 0"))
 
     def count(self, key: str, value: Any) -> int:
         if isinstance(value, float) or isinstance(value, bool):

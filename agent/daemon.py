@@ -280,7 +280,7 @@ class Agent:
         statement for its name arrives first); when idle, free the disk of undeployed models."""
         pending: dict[str, Accepted] = {}  # name -> newest statement not yet handled, in arrival order
         retries: dict[str, tuple[Accepted, int, float]] = {}  # name -> (statement, attempts, due monotonic)
-        next_gc = time.monotonic() + GC_INTERVAL_S
+        next_gc = time.monotonic()  # at start too: a grace period may have ended while the agent was down
         while not self.stopping.is_set():
             now = time.monotonic()
             due = [name for name, (_, _, at) in retries.items() if at <= now]

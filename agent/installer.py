@@ -177,10 +177,10 @@ class Installer:
         freed = self.store.deactivate(name)
         self.last_selection.pop(name, None)
         self.last_error.pop(name, None)
-        self.emit(InstallEventKind.UNDEPLOYED, old.package_id if old else "", model=name, rollout_id=rollout_id,
-                  extra={"freed_after_s": self.undeploy_grace_s, "versions": freed})
         self._write_status()
-        self.collect_garbage()
+        removed = self.collect_garbage()  # with no grace period, the disk is free before the event
+        self.emit(InstallEventKind.UNDEPLOYED, old.package_id if old else "", model=name, rollout_id=rollout_id,
+                  extra={"freed_after_s": self.undeploy_grace_s, "versions": freed, "removed": removed})
 
     def collect_garbage(self) -> list[str]:
         """Remove versions no name uses any more (undeployed ones once their grace period is over)."""

@@ -1,4 +1,5 @@
-"""`edgesdk deploy` and `edgesdk rollback`: signed deployment statements to devices."""
+"""`edgesdk deploy`, `edgesdk rollback` and `edgesdk undeploy`: signed deployment statements to
+devices, one retained statement per device and model name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import typer
 
 from edgesdk.cli.broker_options import B, broker_config
 from edgesdk.cli.common import handle_errors, out
+from edgesdk.cli.fleet_cmd import safe_text
 from edgesdk.errors import ConfigError, PackageError
+
+UNCONFIRMED_EXIT = 3  # `undeploy`: some devices did not confirm within --wait (their statement stays retained)
 
 FLEET_KEY_HELP = ("Fleet key that signs the deployment statements (or $EDGESDK_FLEET_KEY; default: fleet.key "
                   "in the default key folder). Devices obey only statements signed by their fleet keys.")
@@ -78,7 +82,8 @@ def deploy(
 ) -> None:
     """Tell devices to run a published package: one signed statement per device (retained).
 
-    A device refuses a lower version of a package it runs: use `edgesdk rollback` for that.
+    Each model name has its own statement: deploying one model leaves the device's other models
+    alone. A device refuses a lower version of a package it runs: use `edgesdk rollback` for that.
     """
     _send(package, device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
           broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False)
@@ -113,9 +118,49 @@ def _send(ref: str, devices: list[str], fleet: str, repo: Path, target: str | No
     check_fleet_key(key, published, allow_release_key)
     signed = deploy_to(config, fleet, devices, published, key, rollout_id=rollout_id, rollback=rollback)
     first = next(iter(signed.values())).statement
-    out.print(f"{'rollback to' if rollback else 'desired'} {published.name} {published.version} "
-              f"({published.package_id[:12]}) for {', '.join(devices)} in fleet {fleet} — signed statements, "
-              f"valid until {_utc(first.expires)}")
+    out.print(f"{'rollback to' if rollback else 'desired'} {published.name}@{published.version} "
+              f"({published.package_id[:12]}) for {', '.join(devices)} in fleet {fleet} — signed statements "
+              f"on desired/{published.name}, valid until {_utc(first.expires)}")
+
+
+@handle_errors
+def undeploy(
+    name: str = typer.Argument(..., help="The model name to remove from the devices."),
+    device: list[str] = S["device"], fleet: str = S["fleet"],
+    wait: float = typer.Option(30.0, "--wait", min=0, help="Seconds to wait for each device's `undeployed` "
+                               "event before clearing its statement (0: publish and do not wait)."),
+    rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
+    broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
+    username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
+) -> None:
+    """Tell devices to stop running model NAME: a signed undeploy statement per device (retained).
+
+    Waits for each device to confirm (its `undeployed` event), then clears that device's retained
+    statement. A device that does not confirm within --wait keeps the undeploy statement retained
+    and obeys it when it reconnects; the command then exits with code 3.
+    """
+    from edgesdk import protocol
+    from edgesdk.fleet.deploy import check_model_name, undeploy as undeploy_from
+
+    check_model_name(name)
+    for d in device:
+        protocol.check_id(d, "device id")
+    protocol.check_id(fleet, "fleet")
+    config = broker_config(broker, ca, cert, client_key, username, password, password_file)
+    key = load_fleet_key(fleet_key)
+    result = undeploy_from(config, fleet, device, name, key, wait_s=wait, rollout_id=rollout_id)
+    for d in result.statements:
+        if not result.waited:
+            out.print(f"{d}: undeploy statement for {name} published (retained; not waiting for the device)")
+        elif d in result.confirmed:
+            how = "undeployed it" if result.confirmed[d] == "undeployed" else "was not running it"
+            out.print(f"{d}: {how} — confirmed; retained statement on desired/{name} cleared")
+        else:
+            why = f" (it refused the statement: {safe_text(result.refused[d])})" if d in result.refused else ""
+            out.print(f"{d}: not confirmed within {wait:g} s: its undeploy statement stays retained{why}",
+                      markup=False)
+    if result.waited and result.unconfirmed:
+        raise typer.Exit(UNCONFIRMED_EXIT)
 
 
 def _utc(ts: float) -> str:
@@ -127,3 +172,4 @@ def _utc(ts: float) -> str:
 def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy)
     app.command("rollback")(rollback)
+    app.command("undeploy")(undeploy)

@@ -159,7 +159,7 @@ def watch(
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-def _safe(value: object, limit: int = 200) -> str:
+def safe_text(value: object, limit: int = 200) -> str:
     """Device-supplied text for one terminal line: control characters (ANSI escapes, newlines)
     escaped, length bounded. Rich markup is switched off where it is printed (`_line`)."""
     text = str(value).translate(_CONTROL)
@@ -194,24 +194,48 @@ def _show(topic: str, payload: bytes, as_json: bool) -> bool:
         if as_json:
             print(json.dumps({"device": dev, "kind": kind, "malformed": str(exc)}), flush=True)
         else:
-            _line(f"{_safe(dev)} {kind}: malformed message ignored ({_safe(exc)})")
+            _line(f"{safe_text(dev)} {kind}: malformed message ignored ({safe_text(exc)})")
         return False
     if as_json:
         print(json.dumps({"device": dev, "kind": kind, "data": data}), flush=True)
     elif kind == "telemetry":
         w = message
-        _line(f"{_safe(dev)} telemetry #{w.seq}: {w.count} calls, {w.errors} errors, p50 {_num(w.p50_ms)} "
-              f"p95 {_num(w.p95_ms)} p99 {_num(w.p99_ms)} max {_num(w.max_ms)} ms — {_safe(w.variant)} on "
-              f"{_safe(w.provider)}")
+        model = f" {safe_text(w.model, 64)}" if w.model else ""  # older agents send no model name
+        _line(f"{safe_text(dev)} telemetry #{w.seq}{model}: {w.count} calls, {w.errors} errors, "
+              f"p50 {_num(w.p50_ms)} p95 {_num(w.p95_ms)} p99 {_num(w.p99_ms)} max {_num(w.max_ms)} ms — "
+              f"{safe_text(w.variant)} on {safe_text(w.provider)}")
     elif kind == "events":
         e = message
         extra = e.reason or (f"{e.progress:.0%}" if e.progress is not None else "")
-        _line(f"{_safe(dev)} event {e.kind.value} {_safe(e.package_id[:12])} {_safe(extra)}")
+        parts = [safe_text(dev), "event", e.kind.value, safe_text(e.model or ""), safe_text(e.package_id[:12]),
+                 safe_text(extra)]
+        _line(" ".join(p for p in parts if p))
     else:
-        st = message
-        _line(f"{_safe(dev)} state: {'online' if st.online else 'offline'}, active "
-              f"{_safe(str(st.active_package)[:12])} {_safe(st.active_variant)} on {_safe(st.provider)}")
+        _line(f"{safe_text(dev)} state: {'online' if message.online else 'offline'}, {_active_models(message)}")
     return kind == "telemetry"
+
+
+MAX_MODELS_SHOWN = 32  # a state is device-supplied: bound the line
+
+
+def _active_models(st) -> str:  # noqa: ANN001 - a DeviceState
+    """'active det@1.0 (onnx-fp32 on CPUExecutionProvider), ocr@2.1 (...)' from `models`, or an
+    older agent's single active_package when it sends no `models`."""
+    if st.models:
+        shown = [_model_entry(m) for m in st.models[:MAX_MODELS_SHOWN]]
+        more = len(st.models) - MAX_MODELS_SHOWN
+        return "active " + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+    if st.active_package is None:
+        return "no active model"
+    return (f"active {safe_text(str(st.active_package)[:12])} {safe_text(st.active_variant)} on "
+            f"{safe_text(st.provider)}")
+
+
+def _model_entry(entry: object) -> str:
+    if not isinstance(entry, dict):
+        return f"(malformed entry {safe_text(entry, 64)})"
+    text = {k: safe_text(entry.get(k), 64) for k in ("name", "version", "variant", "provider")}
+    return f"{text['name']}@{text['version']} ({text['variant']} on {text['provider']})"
 
 
 def register(app: typer.Typer) -> None:

@@ -2,9 +2,11 @@
 it expires, so a device keeps obeying its current deployment while a fleet whose service has
 stopped (a frozen or captured control plane) cannot pin devices to a statement forever.
 
-The renewer reads the retained `desired` statements, keeps only those signed by its own fleet key
-(a forged statement is never renewed into a genuine one), and re-signs each one that has less
-than ``renew_before_s`` left with a new serial and validity window.
+The renewer reads the retained `desired/{name}` statements of every device (one per model name:
+deploy and undeploy statements alike), keeps only those signed by its own fleet key (a forged
+statement is never renewed into a genuine one) and addressed to the device and model of the topic
+they sit on, and re-signs each one that has less than ``renew_before_s`` left with a new serial and
+validity window, published back on the same topic.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class StatementRenewer:
         self.lifetime_s = lifetime_s
         self.renew_before_s = lifetime_s / 3 if renew_before_s is None else renew_before_s
         self.check_every_s, self.clock = check_every_s, clock
-        self.live: dict[str, SignedStatement] = {}  # device id -> newest statement signed by our key
+        # (device id, model name) -> the newest statement signed by our key on that topic
+        self.live: dict[tuple[str, str], SignedStatement] = {}
         self.renewed = 0
         self.ignored = 0  # statements not signed by our key, or malformed
         self._lock = threading.Lock()
@@ -67,22 +70,23 @@ class StatementRenewer:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
                     props: object) -> None:
         if not reason.is_failure:
-            client.subscribe(protocol.devices_filter(self.fleet, "desired"), qos=1)
+            client.subscribe(protocol.devices_filter(self.fleet, "desired/+"), qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
             parsed = protocol.parse_device_topic(self.fleet, msg.topic)
-            if parsed is None:
+            if parsed is None or not parsed[1].startswith("desired/"):
                 return
-            device = parsed[0]
+            topic = (parsed[0], parsed[1].removeprefix("desired/"))
             if not msg.payload:
                 with self._lock:
-                    self.live.pop(device, None)  # cleared: nothing to keep alive
+                    self.live.pop(topic, None)  # cleared: nothing to keep alive
                 return
             signed = SignedStatement.from_json(msg.payload, msg.topic)
             signed.verify([self.key.public_key()])
-            if signed.statement.device != device:
-                raise EdgeError(f"statement for {signed.statement.device} on {device}'s topic")
+            if (signed.statement.device, signed.statement.name) != topic:
+                raise EdgeError(f"statement for {signed.statement.device}'s {signed.statement.name!r} on the topic "
+                                f"of {topic[0]}'s {topic[1]!r}")
         except EdgeError as exc:
             self.ignored += 1
             log.warning("not renewing %s: %s", msg.topic, exc)
@@ -92,9 +96,9 @@ class StatementRenewer:
             log.exception("not renewing %s", msg.topic)
             return
         with self._lock:
-            current = self.live.get(device)
+            current = self.live.get(topic)
             if current is None or signed.statement.serial > current.statement.serial:
-                self.live[device] = signed
+                self.live[topic] = signed
         self._wake.set()
 
     def _loop(self) -> None:
@@ -108,19 +112,20 @@ class StatementRenewer:
 
     def renew_due(self) -> int:
         """Re-issue every statement with less than ``renew_before_s`` left; returns how many."""
-        from edgesdk.fleet.deploy import write_desired
+        from edgesdk.fleet.deploy import publish_statements
 
         now = self.clock()
         with self._lock:
-            due = {d: s for d, s in self.live.items() if s.statement.expires - now < self.renew_before_s}
+            due = {t: s for t, s in self.live.items() if s.statement.expires - now < self.renew_before_s}
         if not due or self._client is None:
             return 0
-        fresh = {d: reissue(s.statement, self.key, self.lifetime_s) for d, s in due.items()}
-        write_desired(self.config, self.fleet, {d: s.to_json() for d, s in fresh.items()}, client=self._client)
+        fresh = {t: reissue(s.statement, self.key, self.lifetime_s) for t, s in due.items()}
+        # Each renewed statement keeps its device and name, so it goes back on the topic it came from.
+        publish_statements(self.config, self.fleet, fresh.values(), client=self._client)
         with self._lock:
-            for device, signed in fresh.items():
-                if self.live.get(device) is due[device]:
-                    self.live[device] = signed
+            for topic, signed in fresh.items():
+                if self.live.get(topic) is due[topic]:
+                    self.live[topic] = signed
         self.renewed += len(fresh)
         log.info("renewed %d deployment statement(s)", len(fresh))
         return len(fresh)

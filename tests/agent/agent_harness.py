@@ -59,6 +59,7 @@ DET_MODEL = "det"  # the name of the second model of several-models tests
 VENV_BIN = Path(sys.executable).parent
 WAIT_S = 30.0  # upper bound of any single wait; a healthy run needs a fraction of it
 INPUT = "input"  # the tiny MLP's input name ([1, 64] float32)
+INPUT_WIDTH = 64
 
 # A profile a user might write for their own Arm board (not a built-in), for "wrong target" tests.
 ARM_PROFILE = {
@@ -238,7 +239,7 @@ class ReferenceModels:
 
         trusted = [load_public_key(self.packages.keys.public_path)]
         self._variants: dict[str, list[Any]] = {}
-        for name in ("v1", "v2"):
+        for name in ("v1", "v2", "det"):
             pkg = getattr(self.packages, name)
             folder = self.packages.root / "reference" / name
             if not folder.exists():
@@ -253,9 +254,12 @@ class ReferenceModels:
         return next(iter(self._variants[name][0].run(dict(feeds)).values()))
 
     def which(self, logits: np.ndarray, feeds: Mapping[str, np.ndarray]) -> str | None:
-        """'v1' / 'v2' when ``logits`` is exactly what one of that package's variants answers, else None."""
+        """'v1' / 'v2' / 'det' when ``logits`` is exactly what one of that package's variants answers, else None."""
         logits = np.asarray(logits)
         for name, sessions in self._variants.items():
+            width = self.packages.det.manifest.inputs[0].shape[-1] if name == "det" else INPUT_WIDTH
+            if any(np.shape(v)[-1] != width for v in feeds.values()):
+                continue  # feeds of another model's shape: not this package's answer
             for session in sessions:
                 answer = next(iter(session.run(dict(feeds)).values()))
                 if answer.shape == logits.shape and np.allclose(logits, answer, rtol=1e-4, atol=1e-5):
@@ -265,6 +269,11 @@ class ReferenceModels:
 
 def sample_feeds(seed: int = 0) -> dict[str, np.ndarray]:
     return {INPUT: np.random.default_rng(seed).normal(size=(1, 64)).astype(np.float32)}
+
+
+def det_feeds(seed: int = 0) -> dict[str, np.ndarray]:
+    """An input for the second model (DET_MODEL takes [1, 32]: the mlp's [1, 64] is a 400 there)."""
+    return {INPUT: np.random.default_rng(seed).normal(size=(1, 32)).astype(np.float32)}
 
 
 _HARDWARE: HardwareInfo | None = None
@@ -675,8 +684,12 @@ class Rig:
             self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
 
     def publish(self, signed: SignedStatement) -> None:
-        """Put ``signed`` on this device's desired topic (retained), as the fleet service would."""
-        publish_desired(self.broker.url, self.device, signed.to_json())
+        """Put ``signed`` on this device's desired topic of its model (retained), as the fleet service would."""
+        publish_desired(self.broker.url, self.device, signed.to_json(), name=signed.statement.name)
+
+    def publish_for(self, name: str, signed: SignedStatement) -> None:
+        """Put ``signed`` on the desired topic of model ``name`` (a misfiled statement, if it names another)."""
+        publish_desired(self.broker.url, self.device, signed.to_json(), name=name)
 
     def assert_v1_still_serving(self, agent: Any) -> None:
         assert self.served(agent.api.url) == "v1"

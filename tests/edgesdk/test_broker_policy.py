@@ -177,35 +177,36 @@ def test_device_cannot_publish_another_devices_state(broker, fleet):
         assert barrier(device, operator, protocol.device_state(fleet, a)) == []
 
 
-def test_device_cannot_write_its_own_desired(broker, fleet):
+def test_device_reads_but_cannot_write_its_own_desired(broker, fleet):
     a, a_pw = broker.provision(unique("dev-a"))
-    desired = protocol.device_desired(fleet, a)
-    with Client(broker, *broker.fleet_service) as service, Client(broker, a, a_pw, client_id=a) as device:
-        device.subscribe(desired, desired + "/#")
+    det, ocr = protocol.device_desired(fleet, a, "det"), protocol.device_desired(fleet, a, "ocr")
+    with Client(broker, *broker.fleet_service) as service, Client(broker, *broker.operator) as operator, \
+            Client(broker, a, a_pw, client_id=a) as device:
+        device.subscribe(protocol.device_desired_filter(fleet, a))  # what the agent subscribes to
 
-        codes = [device.publish(desired, b'{"forged": 1}', retain=True),
-                 device.publish(desired + "/model", b'{"forged": 2}', retain=True)]
-
+        codes = [device.publish(det, b'{"forged": 1}', retain=True), device.publish(ocr, b"", retain=True)]
         assert codes == [NOT_AUTHORIZED, NOT_AUTHORIZED]
-        assert barrier(service, device, desired) == []  # the fleet service may write it; the device only reads
+        # The fleet service and operators may write any model's statement; the device reads each.
+        assert operator.publish(ocr, b"from the operator") == 0
+        assert barrier(service, device, det) == [(ocr, b"from the operator")]
 
 
 def test_device_cannot_read_another_devices_desired_or_blocks(broker, fleet):
     a, a_pw = broker.provision(unique("dev-a"))
     b, b_pw = broker.provision(unique("dev-b"))
-    b_topics = [protocol.device_desired(fleet, b), protocol.device_desired(fleet, b) + "/model",
+    b_topics = [protocol.device_desired(fleet, b, "det"), protocol.device_desired(fleet, b, "ocr"),
                 protocol.device_blocks(fleet, b)]
     with Client(broker, *broker.fleet_service) as service, \
             Client(broker, a, a_pw, client_id=a) as thief, Client(broker, b, b_pw, client_id=b) as owner:
         owner.subscribe(*b_topics)
-        thief.subscribe(*b_topics, f"{protocol.fleet_root(fleet)}/devices/+/desired",
-                        f"{protocol.fleet_root(fleet)}/#", "#")
+        thief.subscribe(*b_topics, protocol.device_desired_filter(fleet, b),
+                        protocol.devices_filter(fleet, "desired/+"), f"{protocol.fleet_root(fleet)}/#", "#")
 
         for topic in b_topics:
             assert service.publish(topic, b"for b only", retain=topic != b_topics[-1]) == 0
 
         assert [owner.next_message().topic for _ in b_topics] == b_topics  # delivered to its owner
-        assert barrier(service, thief, protocol.device_desired(fleet, a)) == []
+        assert barrier(service, thief, protocol.device_desired(fleet, a, "det")) == []
     # Retained copies are checked too when a new subscription would deliver them.
     with Client(broker, *broker.fleet_service) as service, Client(broker, a, a_pw, client_id=a) as late:
         late.subscribe(*b_topics, protocol.device_blocks(fleet, a))
@@ -235,23 +236,24 @@ def test_device_cannot_join_repository_shared_subscription(broker, fleet):
 def test_device_with_spoofed_client_id_gets_only_its_own_topics(broker, fleet):
     a, a_pw = broker.provision(unique("dev-a"))
     b, b_pw = broker.provision(unique("dev-b"))
-    desired_b = protocol.device_desired(fleet, b)
+    desired_b, other_b = protocol.device_desired(fleet, b, "det"), protocol.device_desired(fleet, b, "ocr")
+    desired_a = protocol.device_desired(fleet, a, "det")
     # B has a persistent session with a message queued for it while it is away.
     with Client(broker, b, b_pw, client_id=b, clean_start=False) as owner:
         owner.subscribe(desired_b)
     with Client(broker, *broker.fleet_service) as service:
         assert service.publish(desired_b, b"queued for b") in ACCEPTED
-        assert service.publish(desired_b + "/model", b"retained for b", retain=True) in ACCEPTED
+        assert service.publish(other_b, b"retained for b", retain=True) in ACCEPTED
 
         # A logs in with its own password but B's client id, resuming "B's" session.
         with Client(broker, a, a_pw, client_id=b, clean_start=False) as spoofer, \
                 Client(broker, *broker.operator) as operator:
-            spoofer.subscribe(desired_b, desired_b + "/#", protocol.device_blocks(fleet, b),
-                              protocol.device_desired(fleet, a))
+            spoofer.subscribe(desired_b, protocol.device_desired_filter(fleet, b), protocol.device_blocks(fleet, b),
+                              desired_a)
             operator.subscribe(protocol.devices_filter(fleet, "state"))
 
             assert spoofer.publish(protocol.device_state(fleet, b), b'{"online": false}') == NOT_AUTHORIZED
-            assert barrier(service, spoofer, protocol.device_desired(fleet, a)) == []
+            assert barrier(service, spoofer, desired_a) == []
             # Its own topics are still its own: the ACL follows the username, not the client id.
             assert spoofer.publish(protocol.device_state(fleet, a), b"own state") == 0
             assert operator.next_message().topic == protocol.device_state(fleet, a)

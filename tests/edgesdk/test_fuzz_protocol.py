@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from edgesdk.errors import EdgeError, TrustError
 from edgesdk.protocol import (BLOCK_SIZE, BlockRequest, BlockResponse, BlockStatus, DeploymentStatement, DeviceState,
-                              InstallEvent, SignedStatement, TelemetryWindow, new_serial, parse_device_topic,
-                              parse_package_get, sign_statement)
+                              InstallEvent, SignedStatement, TelemetryWindow, is_valid_id, new_serial,
+                              parse_desired_name, parse_device_topic, parse_package_get, sign_statement,
+                              undeploy_statement)
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
 from edgesdk.trustroot import TrustRoot, create_root, parse_root_chain, root_chain_message
 
@@ -45,17 +46,24 @@ STATEMENT = DeploymentStatement(
     size=1_000_000, block_size=BLOCK_SIZE, blocks_digest="cd" * 32, serial=new_serial(now=NOW), issued_at=NOW,
     expires=NOW + 3600, rollout_id="r-1", rollback=False)
 SIGNED = sign_statement(STATEMENT, FLEET_PRIVATE)
+UNDEPLOY = undeploy_statement("plant-7", "cam-01", "detector", new_serial(now=NOW), NOW, lifetime_s=3600,
+                              rollout_id="r-2")
 ROOT = create_root([ROOT_PRIVATE], [RELEASE_PUBLIC], [FLEET_PUBLIC])
 
 VALID: dict[str, dict[str, Any]] = {
     "statement": json.loads(STATEMENT.to_json()),
+    "undeploy": json.loads(UNDEPLOY.to_json()),
     "signed": json.loads(SIGNED.to_json()),
     "state": json.loads(DeviceState("cam-01", True, agent_version="0.3", hardware={"arch": "x86_64"},
-                                    runtimes={"onnxruntime": {"version": "1.20"}}, updated_at=NOW).to_json()),
+                                    runtimes={"onnxruntime": {"version": "1.20"}}, updated_at=NOW,
+                                    models=[{"name": "detector", "version": "1.2.0", "package_id": "ab" * 32,
+                                             "variant": "onnx-fp32", "provider": "CPUExecutionProvider",
+                                             "runtime": "onnxruntime"}]).to_json()),
     "event": json.loads(InstallEvent.from_dict({"kind": "downloading", "package_id": "ab" * 32, "at": NOW,
-                                                "progress": 0.5, "table": [{"variant": "fp32"}]}).to_json()),
+                                                "model": "detector", "progress": 0.5,
+                                                "table": [{"variant": "fp32"}]}).to_json()),
     "telemetry": json.loads(TelemetryWindow(seq=3, window_start=NOW, window_end=NOW + 60, count=10, errors=0,
-                                            p50_ms=1.5, histogram={"2.0": 10}).to_json()),
+                                            p50_ms=1.5, histogram={"2.0": 10}, model="detector").to_json()),
     "blocks": json.loads(BlockRequest(blocks=(0, 1, 5), block_size=BLOCK_SIZE).to_json()),
     "index": json.loads(BlockRequest(index=True).to_json()),
     "root": json.loads(ROOT),
@@ -97,6 +105,7 @@ def _check_root(raw: bytes) -> None:
 PARSERS: dict[str, Callable[[bytes], None]] = {
     "SignedStatement": _check_signed,
     "DeploymentStatement": _check_message(DeploymentStatement),
+    "UndeployStatement": _check_message(DeploymentStatement),
     "DeviceState": _check_message(DeviceState),
     "InstallEvent": _check_message(InstallEvent),
     "TelemetryWindow": _check_message(TelemetryWindow),
@@ -106,7 +115,8 @@ PARSERS: dict[str, Callable[[bytes], None]] = {
     "TrustRoot": _check_root,
 }
 # which valid message each parser's mutations start from
-SEEDS = {"SignedStatement": "signed", "DeploymentStatement": "statement", "DeviceState": "state",
+SEEDS = {"SignedStatement": "signed", "DeploymentStatement": "statement", "UndeployStatement": "undeploy",
+         "DeviceState": "state",
          "InstallEvent": "event", "TelemetryWindow": "telemetry", "BlockRequest": "blocks",
          "parse_root_chain": "chain", "TrustRoot": "root"}
 
@@ -280,9 +290,21 @@ def test_block_response_headers_raise_only_edge_errors(status: int, block: int, 
 @FUZZ
 @given(topic=st.text(max_size=120) | st.builds(lambda mid, leaf: f"edgesdk/v1/plant-7/devices/{mid}/{leaf}",
                                                st.text(max_size=70), st.text(max_size=10))
+       | st.builds(lambda mid, name: f"edgesdk/v1/plant-7/devices/{mid}/desired/{name}",
+                   st.sampled_from(["cam-01", "", "+", "a/b"]) | st.text(max_size=12), st.text(max_size=70))
        | st.builds(lambda mid: f"edgesdk/v1/plant-7/packages/{mid}/get", st.text(max_size=70)))
+@example(topic="edgesdk/v1/plant-7/devices/cam-01/desired/detector")
+@example(topic="edgesdk/v1/plant-7/devices/cam-01/desired/a/b")
+@example(topic="edgesdk/v1/plant-7/devices/cam-01/desired/")
+@example(topic="edgesdk/v1/plant-7/devices/cam-01/desired/+")
 def test_topic_parsers_never_raise(topic: str):
     device = parse_device_topic("plant-7", topic)
-    assert device is None or (topic.endswith(f"/devices/{device[0]}/{device[1]}") and "/" not in device[1])
+    if device is not None:
+        assert topic.endswith(f"/devices/{device[0]}/{device[1]}") and is_valid_id(device[0])
+        leaf, _, name = device[1].partition("/")
+        # one level, or `desired/{name}` with a name that is one topic level
+        assert "/" not in device[1] or (leaf == "desired" and is_valid_id(name))
+    name = parse_desired_name("plant-7", "cam-01", topic)
+    assert name is None or (is_valid_id(name) and topic == f"edgesdk/v1/plant-7/devices/cam-01/desired/{name}")
     package = parse_package_get("plant-7", topic)
     assert package is None or "/" not in package

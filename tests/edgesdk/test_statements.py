@@ -16,7 +16,7 @@ import pytest
 
 from edgesdk.errors import EdgeError, ProtocolError, TrustError
 from edgesdk.protocol import (BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, DeploymentStatement, SignedStatement,
-                              check_id, compare_versions, is_valid_id, new_serial, sign_statement)
+                              check_id, compare_versions, is_valid_id, new_serial, sign_statement, undeploy_statement)
 from edgesdk.protocol.statements import CLOCK_SKEW_S, MAX_PACKAGE_BYTES, MAX_SERIAL
 from edgesdk.signing import generate_keys, key_id, load_private_key, load_public_key
 
@@ -67,7 +67,7 @@ def test_signed_statement_round_trips_and_verifies_with_the_fleet_key(fleet_key)
     signed = sign_statement(original, private)
 
     wire = signed.to_json()
-    parsed = SignedStatement.from_json(wire, "edgesdk/v1/plant-7/devices/cam-01/desired")
+    parsed = SignedStatement.from_json(wire, "edgesdk/v1/plant-7/devices/cam-01/desired/detector")
 
     assert parsed.statement == original
     assert parsed.signed_bytes == signed.signed_bytes
@@ -108,6 +108,7 @@ def test_statement_claiming_a_trusted_key_id_is_still_refused(fleet_key, strange
     pytest.param(lambda t: t.replace('"device":"cam-01"', '"device":"cam-02"'), id="other-device"),
     pytest.param(lambda t: t.replace('"version":"1.2.0"', '"version":"9.9.9"'), id="version"),
     pytest.param(lambda t: t.replace('"rollback":false', '"rollback":true'), id="rollback-flag"),
+    pytest.param(lambda t: t.replace('"name":"detector"', '"name":"detector2"'), id="model-name"),
     pytest.param(lambda t: t.replace('"package_id":"ab', '"package_id":"ac'), id="package-id-byte"),
     pytest.param(lambda t: t.replace('"size":10000000', '"size":10000001'), id="size"),
     pytest.param(lambda t: t.replace(",", ", ", 1), id="whitespace-only"),
@@ -162,9 +163,9 @@ def test_unsigned_desired_message_is_refused(fleet_key, payload):
     st = statement()
     sig = json.loads(sign_statement(st, fleet_key[0]).to_json())["signature"]
     with pytest.raises(ProtocolError) as info:
-        SignedStatement.from_json(payload(st, sig), "edgesdk/v1/plant-7/devices/cam-01/desired")
+        SignedStatement.from_json(payload(st, sig), "edgesdk/v1/plant-7/devices/cam-01/desired/detector")
     assert "\n" not in str(info.value)
-    assert str(info.value).startswith("edgesdk/v1/plant-7/devices/cam-01/desired")
+    assert str(info.value).startswith("edgesdk/v1/plant-7/devices/cam-01/desired/detector")
 
 
 def test_statement_text_that_is_not_utf8_is_refused(fleet_key):
@@ -226,9 +227,11 @@ BAD_FIELDS = [
     ("block_size", MIN_BLOCK_SIZE - 1), ("block_size", MAX_BLOCK_SIZE + 1), ("block_size", 0), ("block_size", -4096),
     ("serial", 0), ("serial", -5), ("serial", MAX_SERIAL + 1), ("serial", True), ("serial", 1.0), ("serial", "1"),
     ("issued_at", "now"), ("issued_at", None), ("issued_at", True), ("expires", [1]),
-    ("name", ""), ("name", "x" * 129), ("name", "a\nb"), ("version", "1.0\x00"), ("version", 1),
+    ("name", ""), ("name", "x" * 129), ("name", "a\nb"), ("name", "my model"), ("name", "a/b"), ("name", "det+"),
+    ("name", "-det"), ("name", "x" * 65), ("name", "$SYS"), ("name", 7), ("version", "1.0\x00"), ("version", 1),
     ("target", {"x": 1}), ("rollout_id", "x" * 129), ("rollout_id", "r\r1"), ("rollout_id", 5),
-    ("rollback", 1), ("rollback", "true"), ("rollback", None),
+    ("rollback", 1), ("rollback", "true"), ("rollback", None), ("undeploy", 1), ("undeploy", "true"),
+    ("undeploy", True),  # a deploy statement's package fields set: an undeploy statement names no package
 ]
 
 
@@ -272,7 +275,8 @@ def test_statement_with_a_non_finite_or_huge_number_is_refused(token):
 @pytest.mark.parametrize("field,value", [("size", 1), ("size", MAX_PACKAGE_BYTES), ("block_size", MIN_BLOCK_SIZE),
                                          ("block_size", MAX_BLOCK_SIZE), ("serial", 1), ("serial", MAX_SERIAL),
                                          ("rollout_id", None), ("issued_at", 0), ("device", "0" * 64),
-                                         ("device", "A.b_c-9"), ("version", "1.2.0-rc.1+build")])
+                                         ("device", "A.b_c-9"), ("version", "1.2.0-rc.1+build"), ("name", "x" * 64),
+                                         ("name", "0"), ("undeploy", False)])
 def test_statement_at_the_limits_is_accepted(field, value):
     parsed = DeploymentStatement.from_json(json.dumps(statement_dict(**{field: value})))
     assert getattr(parsed, field) == value
@@ -302,6 +306,58 @@ def test_id_rule_table(value, valid):
     else:
         with pytest.raises(ProtocolError, match="invalid device id"):
             check_id(value, "device id")
+
+
+# -- undeploy statements --------------------------------------------------------------------------
+def test_undeploy_statement_round_trips_and_verifies(fleet_key):
+    private, public = fleet_key
+    original = undeploy_statement(FLEET, DEVICE, "detector", new_serial(now=NOW), NOW, lifetime_s=600, rollout_id="r-2")
+    signed = sign_statement(original, private)
+
+    parsed = SignedStatement.from_json(signed.to_json(), "edgesdk/v1/plant-7/devices/cam-01/desired/detector")
+
+    assert parsed.statement == original
+    assert parsed.verify([public]) == key_id(public)
+    st = parsed.statement
+    assert (st.undeploy, st.name, st.rollback, st.expires - st.issued_at) == (True, "detector", False, 600)
+    assert (st.package_id, st.version, st.target, st.size, st.block_size, st.blocks_digest) == ("", "", "", 0, 0, "")
+    st.check_addressed(FLEET, DEVICE, NOW)
+    renewed = st.reissued(st.serial + 1, NOW + 10, 600)
+    assert renewed.undeploy and renewed.name == "detector"
+
+
+def test_undeploy_flag_cannot_be_added_to_a_signed_deploy_statement(fleet_key):
+    private, public = fleet_key
+    signed = sign_statement(statement(), private)
+    text = signed.signed_bytes.decode().replace('"undeploy":false', '"undeploy":true')
+    with pytest.raises(ProtocolError, match="undeploy statement names no package"):
+        SignedStatement.from_json(wire_with_text(signed, text))
+
+
+UNDEPLOY_WITH_PACKAGE = [("package_id", "ab" * 32), ("version", "1.0"), ("target", "x86-64-cpu"), ("size", 10),
+                         ("block_size", BLOCK_SIZE), ("blocks_digest", "cd" * 32), ("rollback", True)]
+
+
+@pytest.mark.parametrize("field,value", UNDEPLOY_WITH_PACKAGE, ids=[f for f, _ in UNDEPLOY_WITH_PACKAGE])
+def test_undeploy_statement_naming_a_package_is_refused(fleet_key, field, value):
+    data = json.loads(undeploy_statement(FLEET, DEVICE, "detector", 1, NOW).to_json())
+    data[field] = value
+    raw = json.dumps(data)
+    with pytest.raises(ProtocolError, match="undeploy statement names no package"):
+        DeploymentStatement.from_json(raw, "statement")
+    wire = json.dumps({"statement": raw, "signature": {"keyid": "k", "sig": fleet_key[0].sign(raw.encode()).hex()}})
+    with pytest.raises(ProtocolError):
+        SignedStatement.from_json(wire)
+
+
+@pytest.mark.parametrize("name", ["", "my model", "a/b", "det#", "det+", "-det", "_det", "x" * 65, "kamera-ü"])
+def test_undeploy_statement_for_a_name_that_is_not_an_id_is_refused(name):
+    with pytest.raises(ProtocolError, match="field 'name' must be a model name"):
+        undeploy_statement(FLEET, DEVICE, name, 1, NOW)
+    data = json.loads(undeploy_statement(FLEET, DEVICE, "detector", 1, NOW).to_json())
+    data["name"] = name
+    with pytest.raises(ProtocolError, match="name"):
+        DeploymentStatement.from_json(json.dumps(data))
 
 
 # -- serials and versions -------------------------------------------------------------------------

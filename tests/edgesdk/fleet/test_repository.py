@@ -207,7 +207,7 @@ def test_deploy_writes_retained_desired_that_a_late_subscriber_receives(tmp_path
 
     late.on_message = on_message
     connect_blocking(late, config)
-    late.subscribe(protocol.device_desired(FLEET, "dev-b"), qos=1)
+    late.subscribe(protocol.device_desired(FLEET, "dev-b", published.name), qos=1)
     assert arrived.wait(5)
     disconnect(late)
     assert got == [sent]
