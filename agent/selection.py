@@ -43,6 +43,7 @@ from edgesdk.npz import NPY_READ_LOCK
 from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
 from edgesdk.validation import health_check
 
+from agent.metrics import rss_bytes
 from agent.neighbours import Neighbour, NeighbourLoad
 
 SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=...) -> Session
@@ -197,15 +198,6 @@ def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int
 RssProbe = Callable[[], "int | None"]  # bytes resident in this process now, or None when unknown
 
 
-def default_rss_probe() -> RssProbe:
-    try:
-        import psutil
-    except ImportError:  # a bare core install: sizes on disk only
-        return lambda: None
-    process = psutil.Process()
-    return lambda: int(process.memory_info().rss)
-
-
 def files_mb(install_dir: Path, manifest: Manifest, variant_id: str) -> float:
     """Size on disk of a variant's files: a floor for what its session holds in memory."""
     variant = manifest.variant(variant_id)
@@ -234,7 +226,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
     ``neighbours``: the device's other active models; the candidates are then timed alone and
     beside them (half the budget each), and ranked by the second timing.
     """
-    rss = rss_probe or default_rss_probe()
+    rss = rss_probe or rss_bytes
     names = tuple(n.name for n in neighbours)
     if session_factory is None:
         from edgesdk.runtime import open_session as session_factory  # lazy: imports onnxruntime

@@ -358,22 +358,22 @@ def check_deployment(smoke: Smoke, name: str, path: Path) -> None:
         return
     status_path = smoke.work / "agent" / "status.json"
     deadline = time.monotonic() + ACTIVATION_TIMEOUT_S
-    status: dict[str, Any] = {}
+    entry: dict[str, Any] = {}
     while time.monotonic() < deadline:  # the agent's status file is its only outward sign here: poll, bounded
         try:
-            status = json.loads(status_path.read_text())
+            entry = (json.loads(status_path.read_text()).get("models") or {}).get(name) or {}
         except (OSError, ValueError):
-            status = {}
-        if status.get("active") or status.get("last_error") or agent.poll() is not None:
+            entry = {}
+        if entry.get("active") or entry.get("last_error") or agent.poll() is not None:
             break
         time.sleep(1.0)
-    active = status.get("active")
+    active = entry.get("active")
     if not active:
-        reason = status.get("last_error") or (f"agent exited {agent.returncode}" if agent.poll() is not None
-                                             else f"nothing active after {ACTIVATION_TIMEOUT_S} s")
+        reason = entry.get("last_error") or (f"agent exited {agent.returncode}" if agent.poll() is not None
+                                            else f"nothing active after {ACTIVATION_TIMEOUT_S} s")
         smoke.add(step, "FAIL", f"{reason} (logs/agent.log)", time.monotonic() - t0)
         return
-    table = (status.get("last_selection") or {}).get("table") or []
+    table = (entry.get("last_selection") or {}).get("table") or []
     tried = ", ".join(f"{r['variant']}@{short(r['runtime'], r['provider'])}:{r['status']}"
                       + (f" ({r['detail'][:60]})" if r.get("detail") and r["status"] != "selected" else "")
                       for r in table)

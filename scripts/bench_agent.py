@@ -268,9 +268,9 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for label, sess in (("real", session), ("null", null)):
             recorder = LatencyRecorder(work / f"telemetry-{model}-{label}.json", probe=lambda: ProcessStats(None, None))
             host = ModelHost(recorder)
-            host.swap(ActiveModel(session=sess, package_id="bench", name=model, version="1", variant="onnx-fp32",
-                                  provider="CPUExecutionProvider", runtime="onnxruntime",
-                                  inputs=tuple(session.inputs), outputs=tuple(session.outputs)))
+            host.swap(model, ActiveModel(session=sess, package_id="bench", name=model, version="1", variant="onnx-fp32",
+                                         provider="CPUExecutionProvider", runtime="onnxruntime",
+                                         inputs=tuple(session.inputs), outputs=tuple(session.outputs)))
             api = ApiServer("127.0.0.1", 0, host)
             api.start()
             client = EdgeClient(api.url)

@@ -7,7 +7,10 @@
 #   5. run the fleet loop the way production runs it: Mosquitto with the generated policy (TLS,
 #      a login per identity, the ACL), a provisioned device, `edgesdk serve` as fleet-service,
 #      deploy the x86-64-cpu package as the operator (a signed statement), wait for the agent to
-#      select and activate a variant, run inference through the local API, print the telemetry.
+#      select and activate a variant, run inference through the local API, print the telemetry,
+#   6. make the device run several models: add a digit-orientation stage and a digit reader
+#      (trained here on scikit-learn's digits), fed in sequence by a small client, each model
+#      deployed on its own; then undeploy the first model while the other two keep serving.
 # Everything it writes goes under $EDGESDK_DEMO_DIR (default: out/demo). Re-running is fine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,22 +84,27 @@ set -a; . "$WORK/broker/operator.env"; set +a   # every host command below logs 
   --fleet-key "$EDGESDK_HOME/keys/fleet.key"
 
 step "waiting for the agent to download, verify, select and activate"
-"$PY" - "$WORK" <<'PY'
+wait_models() {  # wait_models NAME...: until each named model is active on the device (status.json)
+  "$PY" - "$WORK" "$@" <<'PY'
 import json, sys, time
 from pathlib import Path
-status = Path(sys.argv[1]) / "agent" / "status.json"
+status, names = Path(sys.argv[1]) / "agent" / "status.json", sys.argv[2:]
 deadline = time.monotonic() + 180
 while time.monotonic() < deadline:
     try:
-        data = json.loads(status.read_text())
+        models = json.loads(status.read_text()).get("models") or {}
     except (OSError, ValueError):
-        data = {}
-    if data.get("active") or data.get("last_error"):
-        break
+        models = {}
+    errors = [f"{n}: {models[n]['last_error']}" for n in names if (models.get(n) or {}).get("last_error")]
+    if errors:
+        sys.exit(f"agent did not activate {errors[0]} (see agent.log)")
+    if all((models.get(n) or {}).get("active") for n in names):
+        sys.exit(0)
     time.sleep(0.5)
-if not data.get("active"):
-    sys.exit(f"agent did not activate the package: {data.get('last_error') or 'timed out'} (see agent.log)")
+sys.exit(f"agent did not activate {', '.join(names)} within 180 s (see agent.log)")
 PY
+}
+wait_models orientation
 "$AGENT" status --config "$WORK/device/agent.yaml"
 
 step "inference through the local API"
@@ -114,9 +122,53 @@ for image, label in zip(images, labels):
     out = client.infer({"x": image})
     hits += int(next(iter(out.values())).argmax() == label)
 print(f"{len(images)} requests through {client.url}: {hits}/{len(images)} orientations right")
-status = client.status()
-print(f"serving {status['active']['name']} {status['active']['version']}: variant {status['active']['variant']} "
-      f"on {status['active']['provider']}")
+model = client.model("orientation")
+print(f"serving {model['release']}: variant {model['variant']} on {model['provider']}")
+PY
+
+step "several models on one device: a digit-orientation stage and a digit reader, each deployed on its own"
+"$PY" scripts/digit_models.py --out "$WORK/digits"
+for name in digit-orientation digit-reader; do
+  "$EDGESDK" package "$WORK/digits/$name/$name.onnx" --target x86-64-cpu --name "$name" --version 1.0.0 \
+    --calibration "$WORK/digits/$name/calibration.npz" --validation "$WORK/digits/$name/validation.npz" \
+    --labels "$WORK/digits/$name/labels.npy" --out "$WORK/packages" >/dev/null
+  "$EDGESDK" publish "$WORK/packages/$name-1.0.0-x86-64-cpu.edgepkg" --repo "$WORK/repo"
+  "$EDGESDK" deploy "$name@1.0.0" --repo "$WORK/repo" --fleet demo --device demo-01 \
+    --fleet-key "$EDGESDK_HOME/keys/fleet.key"
+done
+wait_models orientation digit-orientation digit-reader
+"$AGENT" status --config "$WORK/device/agent.yaml"
+
+step "the pipeline: each rotated digit goes to digit-orientation, is turned upright, then goes to digit-reader"
+"$PY" - "$WORK" "$API_PORT" <<'PY'
+import sys
+import numpy as np
+from agent.client import EdgeClient
+work, port = sys.argv[1], sys.argv[2]
+client = EdgeClient(f"http://127.0.0.1:{port}")
+data = np.load(f"{work}/digits/pipeline.npz")
+turned = read = both = 0
+for image, turns, digit in zip(data["image"], data["turns"], data["digit"]):
+    found = int(client.infer({"image": image[None]}, model="digit-orientation")["logits"].argmax())
+    upright = np.rot90(image.reshape(8, 8), -found).reshape(1, 64).astype(np.float32)
+    answer = int(client.infer({"image": upright}, model="digit-reader")["logits"].argmax())
+    turned += found == turns
+    read += answer == digit
+    both += found == turns and answer == digit
+n = len(data["digit"])
+print(f"{n} rotated digits, two models each, through {client.url}:")
+print(f"  orientation right {turned}/{n}, digit right {read}/{n}, both right {both}/{n}")
+for model in client.models():
+    print(f"  {model['release']:<24} {model['variant']:<20} on {model['provider']}")
+PY
+
+step "undeploy one model: the other two keep serving"
+"$EDGESDK" undeploy orientation --fleet demo --device demo-01 --fleet-key "$EDGESDK_HOME/keys/fleet.key" --wait 60
+"$PY" - "$API_PORT" <<'PY'
+import sys
+from agent.client import EdgeClient
+client = EdgeClient(f"http://127.0.0.1:{sys.argv[1]}")
+print("active now:", ", ".join(m["release"] for m in client.models()))
 PY
 
 step "telemetry reported by the agent (next two windows)"

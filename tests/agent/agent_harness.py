@@ -683,6 +683,23 @@ class Rig:
             self.broker.restart()
             self.col.wait_for(lambda c: c.subacks > acks, what="the collector to subscribe again")
 
+    def kill_during_install(self, pkg: BuiltPackage, kill_at: InstallEventKind) -> tuple[Path, dict[str, str], str]:
+        """Run the agent as a process (serving v1), deploy ``pkg`` and SIGKILL the agent at the
+        install's ``kill_at`` event. Returns (config, env, API url) for the restart. Call it with
+        the repository running."""
+        from tests.fixtures.broker import free_port
+
+        api_port = free_port()
+        config = write_config(self.tmp / "agent.yaml", self.settings(api=f"127.0.0.1:{api_port}"))
+        env = subprocess_env(self.tmp / "home", self.broker.url)
+        with AgentProcess(config, self.tmp / "agent-1.log", env) as first:
+            self.wait_v1_online()
+            deploy(self.broker.url, self.device, pkg)
+            self.col.wait_event(kill_at, pkg.pid)
+            first.kill()  # SIGKILL: no cleanup, whatever step the install was at
+            assert first.proc.returncode == -9
+        return config, env, f"http://127.0.0.1:{api_port}"
+
     def publish(self, signed: SignedStatement) -> None:
         """Put ``signed`` on this device's desired topic of its model (retained), as the fleet service would."""
         publish_desired(self.broker.url, self.device, signed.to_json(), name=signed.statement.name)

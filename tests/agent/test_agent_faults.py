@@ -177,18 +177,8 @@ def test_telemetry_survives_broker_outage_without_gaps(rig: Rig) -> None:
 @pytest.mark.parametrize("kill_at", [K.DOWNLOADING, K.SELECTED])
 def test_agent_killed_during_install_restarts_serving_and_completes(rig: Rig, kill_at: K) -> None:
     v1, v2 = rig.packages.v1, rig.packages.v2
-    api_port = free_port()
-    config = write_config(rig.tmp / "agent.yaml", rig.settings(api=f"127.0.0.1:{api_port}"))
-    env = subprocess_env(rig.tmp / "home", rig.broker.url)
-    url = f"http://127.0.0.1:{api_port}"
     with repository(rig.broker.url, rig.packages.repo):
-        with AgentProcess(config, rig.tmp / "agent-1.log", env) as first:
-            rig.wait_v1_online()
-            deploy(rig.broker.url, rig.device, v2)
-            rig.col.wait_event(kill_at, v2.pid)
-            first.kill()  # SIGKILL: no cleanup, whatever step the install was at
-            assert first.proc.returncode == -9
-
+        config, env, url = rig.kill_during_install(v2, kill_at)
         states = len(rig.col.states)
         with AgentProcess(config, rig.tmp / "agent-2.log", env) as second:
             back = rig.col.wait_for(lambda c: next((s for s in c.states[states:] if s.online), None),

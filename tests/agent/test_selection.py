@@ -4,6 +4,7 @@ ranking is deterministic), then one run on the real ORT CPU and OpenVINO CPU run
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,3 +398,72 @@ def test_cached_decision_still_reports_the_variant_whose_runtime_is_missing(inst
 def test_no_installed_runtime_for_any_variant_says_which_pip_line_adds_one(install_dir: Path) -> None:
     with pytest.raises(HealthCheckError, match=r'onnxruntime is not installed here: pip install "edgesdk\[agent\]"'):
         run_select(install_dir, {}, available={"openvino": ["CPU"]})
+
+
+# -- beside the device's other models ------------------------------------------------------------
+def _neighbours_running() -> bool:
+    return any(t.name == "edge-agent-neighbours" for t in threading.enumerate())
+
+
+class _Neighbour:
+    """Another active model's session: takes a little wall time per call, or raises."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.calls = fail, 0
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("neighbour session broke")
+        threading.Event().wait(0.0005)  # stands for the neighbour's own inference work
+        return {"z": np.zeros(1, np.float32)}
+
+
+def test_candidates_are_ranked_by_their_latency_beside_the_other_models(install_dir: Path) -> None:
+    """fp16@CUDA is the fastest alone but shares the GPU with the neighbour and slows 4x; fp32@CPU
+    is slower alone but unaffected: with a neighbour running, fp32@CPU wins, and each row reports
+    the p50 alone and the ratio (interference)."""
+    from agent.neighbours import Neighbour
+
+    contended = lambda n: SLOW * 2 if _neighbours_running() else FAST  # noqa: E731
+    clock = FakeClock()
+    factory = FakeFactory(clock, {
+        ("fp16", CUDA): Behaviour(latency=contended),
+        ("fp16", CPU): Behaviour(latency=SLOW),
+        ("fp32", CPU): Behaviour(latency=MID),
+    })
+    neighbour, broken = _Neighbour(), _Neighbour(fail=True)
+    selection = select(make_manifest(), install_dir, AVAILABLE, KEY, budget_s=1.0, session_factory=factory,
+                       clock=clock, neighbours=[Neighbour("broken", broken, {"x": np.zeros(1)}),
+                                                Neighbour("ocr", neighbour, {"x": np.zeros(1)})])
+
+    assert (selection.chosen.variant, selection.chosen.provider) == ("onnx-fp32", CPU)
+    assert selection.neighbours == ("broken", "ocr")
+    table = rows(selection)
+    gpu = table[("onnx-fp16", CUDA)]
+    assert gpu["p50_alone_ms"] == pytest.approx(FAST * 1000) and gpu["p50_ms"] == pytest.approx(SLOW * 2000)
+    assert gpu["interference"] == pytest.approx(8.0)
+    assert table[("onnx-fp32", CPU)]["interference"] == pytest.approx(1.0)
+    assert broken.calls == 1  # the first call raised: that neighbour was dropped, the selection went on
+    assert not _neighbours_running()
+
+
+def test_without_other_models_rows_report_no_interference(install_dir: Path) -> None:
+    selection, _ = run_select(install_dir, {
+        ("fp16", CUDA): Behaviour(latency=FAST), ("fp16", CPU): Behaviour(latency=SLOW),
+        ("fp32", CPU): Behaviour(latency=MID)})
+    assert selection.neighbours == ()
+    assert all("interference" not in row for row in rows(selection).values())
+
+
+def test_each_candidate_reports_its_resident_memory_never_below_its_files(install_dir: Path) -> None:
+    """RSS growth while the session opened and ran once; a probe that saw none still counts the
+    variant's files (here: none listed, so 0), and a probe that saw 3 MiB reports 3 MiB."""
+    readings = iter([100 << 20, 103 << 20] * 10)
+    clock = FakeClock()
+    factory = FakeFactory(clock, {("fp16", CUDA): Behaviour(latency=FAST), ("fp16", CPU): Behaviour(latency=SLOW),
+                                  ("fp32", CPU): Behaviour(latency=MID)})
+    selection = select(make_manifest(), install_dir, AVAILABLE, KEY, budget_s=1.0, session_factory=factory,
+                       clock=clock, rss_probe=lambda: next(readings))
+    assert {row["resident_mb"] for row in rows(selection).values()} == {3.0}
+    assert selection.resident_mb == 3.0

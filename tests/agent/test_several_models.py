@@ -22,8 +22,7 @@ from edgesdk.protocol import InstallEventKind as K
 from edgesdk.protocol import undeploy_statement
 from tests.agent.agent_harness import (DET_MODEL, FLEET, MODEL, AgentProcess, Rig, deploy, det_feeds,
                                        publish_desired, repository, run_cli, running_agent, sample_feeds,
-                                       subprocess_env, wait_until, write_config)
-from tests.fixtures.broker import free_port
+                                       subprocess_env, wait_until)
 
 
 def _activated(rig: Rig, pkg, after: int = 0):  # noqa: ANN001, ANN202
@@ -118,7 +117,7 @@ def test_two_models_are_deployed_to_one_device_and_served_concurrently_by_name(r
 
 
 def test_one_model_is_updated_and_rolled_back_while_the_other_serves_under_load(rig: Rig) -> None:
-    v1, v2, det = rig.packages.v1, rig.packages.v2, rig.packages.det
+    v1, v2 = rig.packages.v1, rig.packages.v2
     with repository(rig.broker.url, rig.packages.repo), running_agent(rig.config()) as agent:
         rig.wait_v1_online()
         _deploy_det(rig, agent)
@@ -133,6 +132,10 @@ def test_one_model_is_updated_and_rolled_back_while_the_other_serves_under_load(
             events = len(rig.col.events)
             deploy(rig.broker.url, rig.device, v1, rollback=True)
             _activated(rig, v1, after=events)
+            # A failing install of mlp (a package for an aarch64 board) does not touch det either.
+            deploy(rig.broker.url, rig.device, rig.packages.arm)
+            failed = rig.col.wait_event(K.FAILED, rig.packages.arm.pid)
+            assert failed.model == MODEL and "aarch64" in failed.reason
             calls_during = load.calls
         assert load.failures == [], load.failures[:3]
         assert calls_during >= 20
@@ -212,17 +215,8 @@ def test_undeploy_with_no_grace_period_frees_the_disk_before_it_reports(rig: Rig
 def test_agent_killed_during_one_models_install_leaves_the_other_untouched(rig: Rig) -> None:
     v1, det = rig.packages.v1, rig.packages.det
     mlp_record = json.loads((rig.data_dir / "active.json").read_text())["models"][MODEL]
-    api_port = free_port()
-    config = write_config(rig.tmp / "agent.yaml", rig.settings(api=f"127.0.0.1:{api_port}"))
-    env = subprocess_env(rig.tmp / "home", rig.broker.url)
-    url = f"http://127.0.0.1:{api_port}"
     with repository(rig.broker.url, rig.packages.repo):
-        with AgentProcess(config, rig.tmp / "agent-1.log", env) as first:
-            rig.wait_v1_online()
-            deploy(rig.broker.url, rig.device, det)
-            rig.col.wait_event(K.SELECTED, det.pid)
-            first.kill()  # SIGKILL in the middle of det's install
-            assert first.proc.returncode == -9
+        config, env, url = rig.kill_during_install(det, K.SELECTED)  # SIGKILL in the middle of det's install
         assert json.loads((rig.data_dir / "active.json").read_text())["models"][MODEL] == mlp_record
 
         states = len(rig.col.states)
