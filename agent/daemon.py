@@ -404,6 +404,8 @@ class Agent:
         hw = self.hardware
         return DeviceState(
             device_id=self.config.device_id, online=online, agent_version=__version__,
+            labels=dict(self.config.labels), hardware_class=hw.board or hw.cpu_model or hw.arch,
+            telemetry_interval_s=self.config.telemetry_interval_s,
             target=self.config.target_profile.name if self.config.target_profile else None,
             hardware={"arch": hw.arch, "cpu": hw.cpu_model, "cores": hw.cpu_count, "ram_mb": hw.ram_mb,
                       "board": hw.board},

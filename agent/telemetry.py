@@ -17,7 +17,7 @@ Semantics of a window (what a fleet collector reads):
 - ``histogram`` is `LatencyHistogram.to_bounds` (upper bound in ms as text -> count); ``extra``
   carries what makes it exactly mergeable and re-buildable: ``histogram_scheme`` ("log1.01/1"),
   ``histogram_sum_ns``, ``min_ms``, plus ``rejected`` and ``mean_ms``
-  (`histogram_of` rebuilds the histogram from a received window).
+  (`edgesdk.protocol.histogram.histogram_of` rebuilds the histogram from a received window).
 
 The window is `edgesdk.protocol.TelemetryWindow`, the message published as is.
 
@@ -34,12 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.histogram import SCHEME_ID, SCHEME_VERSION, IncompatibleHistogramError, LatencyHistogram
 from edgesdk.atomicfile import write_bytes_atomic
 from edgesdk.errors import ConfigError, map_os_errors
 from edgesdk.protocol import TelemetryWindow
-
-SCHEME = f"{SCHEME_ID}/{SCHEME_VERSION}"
+from edgesdk.protocol.histogram import SCHEME, LatencyHistogram
 
 STATE_VERSION = 1
 
@@ -244,18 +242,3 @@ class LatencyRecorder:
                        "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns}))
         self._last = out[-1]
         return out
-
-
-def histogram_of(window: TelemetryWindow) -> LatencyHistogram:
-    """The window's exact latency histogram, for a collector merging windows and devices."""
-    extra = window.extra
-    if extra.get("histogram_scheme") != SCHEME:
-        raise IncompatibleHistogramError(
-            f"telemetry seq {window.seq}: histogram scheme {extra.get('histogram_scheme')!r} is not {SCHEME!r}")
-    sum_ns = extra.get("histogram_sum_ns", 0)
-    if isinstance(sum_ns, bool) or not isinstance(sum_ns, int) or sum_ns < 0:
-        raise IncompatibleHistogramError(f"telemetry seq {window.seq}: 'histogram_sum_ns' must be an integer >= 0")
-    min_ms = extra.get("min_ms")
-    return LatencyHistogram.from_bounds(window.histogram, sum_ns=sum_ns,
-                                        min_ms=float(min_ms) if isinstance(min_ms, (int, float)) else None,
-                                        max_ms=window.max_ms)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/demo.sh and scripts/test.sh on a fresh Debian machine with Python 3.11:
-# a venv in .venv with edgesdk[host,agent,litert,dev] installed, and Mosquitto (apt-get if missing).
+# a venv in .venv with edgesdk[host,agent,litert,fleet,dev] installed, and Mosquitto (apt-get if missing).
 # Idempotent: a second run only checks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.edgesdk-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "==> installing edgesdk[host,agent,litert,dev] into $VENV"
+  echo "==> installing edgesdk[host,agent,litert,fleet,dev] into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e "$ROOT[host,agent,litert,dev]"
   touch "$STAMP"

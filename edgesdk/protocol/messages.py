@@ -184,6 +184,9 @@ class DeviceState(_Message):
     target: str | None = None  # profile name the device was configured with
     hardware: dict[str, Any] = field(default_factory=dict)  # arch, cpu, memory, accelerators found
     runtimes: dict[str, Any] = field(default_factory=dict)  # runtime -> {"version", "providers"}
+    labels: dict[str, str] = field(default_factory=dict)  # from the agent's config (`labels: {site: berlin}`)
+    hardware_class: str | None = None  # the board, else the CPU model: what latencies are compared within
+    telemetry_interval_s: float | None = None  # a device silent for three of these is `unknown`
     # Every active model: [{"name", "version", "package_id", "variant", "provider", "runtime"}], by name.
     models: list[dict[str, Any]] = field(default_factory=list)
     # The only active model's, when exactly one is active (readers older than `models`); else None.

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.histogram import LatencyHistogram
-from agent.telemetry import LatencyRecorder, ProcessStats, WindowContext, histogram_of
+from edgesdk.protocol.histogram import LatencyHistogram
+from agent.telemetry import LatencyRecorder, ProcessStats, WindowContext
+from edgesdk.protocol.histogram import histogram_of
 from edgesdk.errors import ConfigError
 from edgesdk.protocol import TelemetryWindow
 

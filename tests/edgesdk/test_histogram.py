@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from agent.histogram import (
+from edgesdk.protocol.histogram import (
     BOUNDS, BUCKETS, GROWTH, LOWEST_MS, OVERFLOW, IncompatibleHistogramError, LatencyHistogram,
     bucket_index, bucket_range, bucket_value,
 )

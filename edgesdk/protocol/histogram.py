@@ -23,9 +23,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgesdk.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from edgesdk.protocol.messages import TelemetryWindow
 
 SCHEME_ID = "log1.01"
 SCHEME_VERSION = 1
@@ -241,3 +244,21 @@ class LatencyHistogram:
                 raise IncompatibleHistogramError("histogram: 'min_ms'/'max_ms' must be numbers")
             hist.min, hist.max = float(lo), float(hi)
         return hist
+
+
+SCHEME = f"{SCHEME_ID}/{SCHEME_VERSION}"  # what a telemetry window's extra.histogram_scheme says
+
+
+def histogram_of(window: TelemetryWindow) -> LatencyHistogram:
+    """The window's exact latency histogram, for a collector merging windows and devices."""
+    extra = window.extra
+    if extra.get("histogram_scheme") != SCHEME:
+        raise IncompatibleHistogramError(
+            f"telemetry seq {window.seq}: histogram scheme {extra.get('histogram_scheme')!r} is not {SCHEME!r}")
+    sum_ns = extra.get("histogram_sum_ns", 0)
+    if isinstance(sum_ns, bool) or not isinstance(sum_ns, int) or sum_ns < 0:
+        raise IncompatibleHistogramError(f"telemetry seq {window.seq}: 'histogram_sum_ns' must be an integer >= 0")
+    min_ms = extra.get("min_ms")
+    return LatencyHistogram.from_bounds(window.histogram, sum_ns=sum_ns,
+                                        min_ms=float(min_ms) if isinstance(min_ms, (int, float)) else None,
+                                        max_ms=window.max_ms)
