@@ -218,23 +218,27 @@ def _print_model(name: str, entry: dict) -> None:
     selection = entry.get("last_selection") or {}
     if selection.get("table"):
         beside = selection.get("neighbours") or []
-        title = f"{name}: last selection (variant × provider)"
+        title = f"{name}: last selection (variant × provider; ms, MB)"
         if beside:
             title += f", timed beside {', '.join(beside)}"
-        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        columns = ["variant", "provider", "status", "p50 ms", "p95 ms", "runs", "health", "MB"]
-        if beside:
-            columns[4:4] = ["alone ms", "×"]
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        # Beside other models the two extra columns (p50 alone, the ratio) replace runs and health
+        # (a failed health check shows as the status) so the table fits 80 columns.
+        columns = (["variant", "provider", "status", "p50", "alone", "×", "p95", "MB"] if beside else
+                   ["variant", "provider", "status", "p50", "p95", "runs", "health", "MB"])
         for col in columns:
             table.add_column(col, no_wrap=True, justify="left" if col in ("variant", "provider", "status",
                                                                            "health") else "right")
         for row in selection["table"]:
-            cells = [row["variant"], _short(row["runtime"], row["provider"]),
-                     row["status"], _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
-                     {True: "pass", False: "FAIL", None: "—"}[row.get("health")], _mb(row.get("resident_mb"))]
             if beside:
                 ratio = row.get("interference")
-                cells[4:4] = [_ms(row.get("p50_alone_ms")), "—" if ratio is None else f"{ratio:.2f}"]
+                cells = [row["variant"], _short(row["runtime"], row["provider"]), row["status"],
+                         _ms(row.get("p50_ms")), _ms(row.get("p50_alone_ms")),
+                         "—" if ratio is None else f"{ratio:.2f}", _ms(row.get("p95_ms")), _mb(row.get("resident_mb"))]
+            else:
+                cells = [row["variant"], _short(row["runtime"], row["provider"]), row["status"],
+                         _ms(row.get("p50_ms")), _ms(row.get("p95_ms")), str(row.get("runs", "")),
+                         {True: "pass", False: "FAIL", None: "—"}[row.get("health")], _mb(row.get("resident_mb"))]
             table.add_row(*cells)
         out.print(table)
         for row in selection["table"]:
