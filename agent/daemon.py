@@ -85,7 +85,8 @@ class Agent:
     def __init__(self, config: AgentConfig, *, broker: BrokerConfig | None = None,
                  hardware: HardwareInfo | None = None, available: dict[str, list[str]] | None = None,
                  session_factory: Callable[..., Any] | None = None, clock: Callable[[], float] = time.time,
-                 api_port: int | None = None, retry_delays: tuple[float, float] = (RETRY_MIN_S, RETRY_MAX_S)) -> None:
+                 api_port: int | None = None, retry_delays: tuple[float, float] = (RETRY_MIN_S, RETRY_MAX_S),
+                 client_factory: Callable[..., Any] = make_client) -> None:
         self.config = config
         self.clock = clock
         self.retry_delays = retry_delays
@@ -121,9 +122,10 @@ class Agent:
         self._last_refused: dict[str, SignedStatement] = {}  # per model name
         self._flush_now = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.client = make_client(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
-                                  will=Will(device_state(config.fleet, config.device_id),
-                                            self._state(online=False).to_json()))
+        # The broker client is a parameter, like the transfer and the clock: `make_client`'s signature.
+        self.client = client_factory(config.device_id, self.broker, clean_start=False, session_expiry_s=7 * 24 * 3600,
+                                     will=Will(device_state(config.fleet, config.device_id),
+                                               self._state(online=False).to_json()))
         self.backoff = JitteredBackoff(self.client, self.broker)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

@@ -9,7 +9,9 @@ a user's own profile is any YAML file following docs/target-profiles.md.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,8 @@ class TargetProfile:
     budgets: Budgets
     board_match: tuple[str, ...] = ()  # substrings of /proc/device-tree/model that identify it
     source: str = ""  # file it was loaded from
+    family: str = ""  # `--target FAMILY` builds for every built-in profile of it; default: the name's first word
+    aliases: tuple[str, ...] = ()  # other names `--target` takes for the family ("rpi" for raspberry-pi)
 
     def gate_for(self, precision: str) -> Gate:
         return self.gates.get(precision) or self.gates.get("fp32") or Gate()
@@ -147,7 +151,7 @@ class TargetProfile:
 
 
 _TOP_KEYS = {"name", "description", "architecture", "providers", "variants", "shapes", "gates",
-             "budgets", "board_match"}
+             "budgets", "board_match", "family", "aliases"}
 _REQUIRED = ("name", "architecture", "providers", "variants")
 ARCHITECTURES = ("x86_64", "aarch64")
 
@@ -162,6 +166,17 @@ def _check_type(source: str, key: str, value: Any, typ: type | tuple[type, ...])
         raise _fail(source, key, f"expected {_tname(typ)}, got {value!r}")
     if not isinstance(value, typ):
         raise _fail(source, key, f"expected {_tname(typ)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+# A family or alias is typed on the command line: lowercase, no spaces, no path separators.
+_TARGET_WORD = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _check_target_word(source: str, key: str, value: Any) -> str:
+    _check_type(source, key, value, str)
+    if not _TARGET_WORD.fullmatch(value):
+        raise _fail(source, key, f"{value!r} is not a target name: use 1-64 lowercase letters, digits, '.', '_', '-'")
     return value
 
 
@@ -274,12 +289,19 @@ def parse_profile(data: Any, source: str) -> TargetProfile:
     board = tuple(_check_type(source, "board_match", data.get("board_match", []) or [], list))
     for i, b in enumerate(board):
         _check_type(source, f"board_match[{i}]", b, str)
+    if "family" in data:
+        family = _check_target_word(source, "family", data["family"])
+    else:  # the name's first word ("jetson" of jetson-orin-nano), when it can be one
+        first = name.split("-", 1)[0].lower()
+        family = first if _TARGET_WORD.fullmatch(first) else ""
+    aliases = tuple(_check_target_word(source, f"aliases[{i}]", a)
+                    for i, a in enumerate(_check_type(source, "aliases", data.get("aliases", []) or [], list)))
 
     return TargetProfile(
         name=name, description=description, architecture=arch, providers=tuple(providers),
         variants=tuple(variants), shapes=ShapePolicy(policy, batch), gates=gates,
         budgets=Budgets(**{k: (None if v is None else float(v)) for k, v in budgets_data.items()}),
-        board_match=board, source=source,
+        board_match=board, source=source, family=family, aliases=aliases,
     )
 
 
@@ -309,12 +331,131 @@ def load_builtin(name: str) -> TargetProfile:
     return profile
 
 
-def resolve_target(target: str) -> TargetProfile:
-    """A built-in target by name, or a profile file by path (anything ending .yaml/.yml or existing)."""
-    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        return load_profile_file(target)
-    return load_builtin(target)
-
-
 def all_builtin_profiles() -> list[TargetProfile]:
     return [load_builtin(n) for n in builtin_profile_names()]
+
+
+# -- target names: what `--target` takes ---------------------------------------------------------
+@dataclass(frozen=True)
+class TargetSelection:
+    """What a `--target` argument named: one profile (its name, a unique prefix of it, or a profile
+    file), or a family (its name or an alias), which stands for every built-in profile of it."""
+
+    asked: str
+    profiles: tuple[TargetProfile, ...]
+    family: str | None = None  # set when ``asked`` named a family
+
+
+@dataclass(frozen=True)
+class TargetNames:
+    """The names `--target` takes for the built-in profiles: profile names, families, aliases."""
+
+    profiles: dict[str, TargetProfile]
+    families: dict[str, tuple[str, ...]]  # family → its profile names, sorted
+    aliases: dict[str, str]  # alias → family
+
+    @classmethod
+    def of(cls, profiles: list[TargetProfile]) -> TargetNames:
+        """Index ``profiles``; a family or alias that would make a name mean two things is refused."""
+        by_name = {p.name: p for p in sorted(profiles, key=lambda p: p.name)}
+        families: dict[str, list[str]] = {}
+        for p in by_name.values():
+            if p.family:
+                families.setdefault(p.family, []).append(p.name)
+        aliases: dict[str, str] = {}
+        for p in by_name.values():
+            # A family named like one of its own profiles is fine only when it is that profile alone.
+            if p.family in by_name and families[p.family] != [p.family]:
+                raise ConfigError(f"{p.source}: family: {p.family!r} is also the name of the profile {p.family}")
+            for alias in p.aliases:
+                if not p.family:
+                    raise ConfigError(f"{p.source}: aliases: a profile with aliases needs a family")
+                if alias in by_name or alias in families:
+                    raise ConfigError(f"{p.source}: aliases: {alias!r} is already a profile or family name")
+                if aliases.get(alias, p.family) != p.family:
+                    raise ConfigError(f"{p.source}: aliases: {alias!r} already names the family {aliases[alias]}")
+                aliases[alias] = p.family
+        return cls(by_name, {f: tuple(names) for f, names in families.items()}, aliases)
+
+    def resolve(self, asked: str) -> TargetSelection:
+        """A profile name, a family or alias, or a unique prefix of a profile name; else ConfigError
+        with the closest names ("did you mean jetson (jetson-agx-orin, jetson-orin-nano)?")."""
+        key = asked.strip().lower()
+        if not key:
+            raise ConfigError(f"empty target name: give one ({self.all_names()}) or the path of a profile .yaml")
+        if key in self.profiles:
+            return TargetSelection(asked, (self.profiles[key],))
+        family = key if key in self.families else self.aliases.get(key)
+        if family is not None:
+            return TargetSelection(asked, tuple(self.profiles[n] for n in self.families[family]), family)
+        matches = [n for n in self.profiles if n.startswith(key)]
+        if len(matches) == 1:
+            return TargetSelection(asked, (self.profiles[matches[0]],))
+        if matches:
+            families = {self.profiles[n].family for n in matches}
+            family = families.pop() if len(families) == 1 else ""
+            whole = f", or the family {family} for all of them" if family else ""
+            raise ConfigError(f"target {asked!r} matches {', '.join(matches)}: name one{whole}")
+        raise ConfigError(self.unknown(asked))
+
+    def describe(self, name: str) -> str:
+        """A family or alias with its profiles ("jetson (jetson-agx-orin, jetson-orin-nano)"), or the name."""
+        family = name if name in self.families else self.aliases.get(name)
+        if family is None or name in self.profiles:
+            return name
+        return f"{name} ({', '.join(self.families[family])})"
+
+    def unknown(self, asked: str) -> str:
+        key = asked.strip().lower()
+        # A family's profile by a short name ("rpi4", "pi-5", "jetson-nano"), profiles holding what was
+        # typed ("nano", "cpu"), then names close to it ("jetsn").
+        short = [n for word in sorted([*self.families, *self.aliases], key=len, reverse=True)
+                 if key.startswith(word) and (rest := key[len(word):].strip("-_ "))
+                 for n in self.families[self.aliases.get(word, word)] if n.endswith(rest)]
+        holding = [n for n in self.profiles if len(key) >= 3 and key in n]
+        close = difflib.get_close_matches(key, [*self.profiles, *self.families, *self.aliases], n=3, cutoff=0.6)
+        seen: set[str] = set()
+        shown: list[str] = []
+        for name in [*short, *holding, *close]:
+            # An alias and its family say the same thing: keep the first one.
+            family = None if name in self.profiles else self.aliases.get(name, name)
+            if (family or name) not in seen:
+                seen.add(family or name)
+                shown.append(self.describe(name))
+        if shown:
+            shown = shown[:3]
+            said = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+            return f"unknown target {asked!r}: did you mean {said}?"
+        return f"unknown target {asked!r} ({self.all_names()}; or the path of a profile .yaml)"
+
+    def all_names(self) -> str:
+        def family(name: str) -> str:
+            aliases = [a for a, f in self.aliases.items() if f == name]
+            return name + (f" (or {', '.join(aliases)})" if aliases else "")
+
+        return (f"built-in targets: {', '.join(self.profiles)}; "
+                f"families: {', '.join(family(f) for f in self.families)}")
+
+
+def builtin_target_names() -> TargetNames:
+    return TargetNames.of(all_builtin_profiles())
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith((".yaml", ".yml")) or "/" in target or "\\" in target or Path(target).is_file()
+
+
+def resolve_targets(target: str) -> TargetSelection:
+    """What ``target`` names: a profile file (a path), a built-in profile, or a family of them."""
+    if _is_path(target):
+        return TargetSelection(target, (load_profile_file(target),))
+    return builtin_target_names().resolve(target)
+
+
+def resolve_target(target: str) -> TargetProfile:
+    """One profile: a profile file by path, a built-in by name or unique prefix, or a family of one."""
+    selection = resolve_targets(target)
+    if len(selection.profiles) != 1:
+        names = ", ".join(p.name for p in selection.profiles)
+        raise ConfigError(f"target {target!r} is the family of {names}: name one of them")
+    return selection.profiles[0]

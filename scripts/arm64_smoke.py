@@ -350,7 +350,7 @@ def check_deployment(smoke: Smoke, name: str, path: Path) -> None:
                           "--fleet-key", str(keys / "fleet.key")], env=service_env)
     agent = smoke.start("agent", smoke.device_argv("edge-agent", "run", "--config", str(config)))
     operator_env = dict(smoke.env, **read_env_file(broker_dir / "operator.env"))
-    done = smoke.host(edgesdk, "deploy", f"{name}@1.0.0", "--repo", str(smoke.work / "repo"), "--fleet", FLEET,
+    done = smoke.host(edgesdk, "deploy", f"{name}@1.0.0", "--allow-unknown", "--repo", str(smoke.work / "repo"), "--fleet", FLEET,
                       "--device", DEVICE_ID, "--fleet-key", str(keys / "fleet.key"), env=operator_env,
                       log="deploy.log")
     if done.returncode != 0:

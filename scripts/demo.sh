@@ -10,7 +10,9 @@
 #      select and activate a variant, run inference through the local API, print the telemetry,
 #   6. make the device run several models: add a digit-orientation stage and a digit reader
 #      (trained here on scikit-learn's digits), fed in sequence by a small client, each model
-#      deployed on its own; then undeploy the first model while the other two keep serving.
+#      deployed on its own; then undeploy the first model while the other two keep serving,
+#   7. review the fleet from the fleet store serve's collector filled: devices list, releases, a
+#      telemetry report table and its HTML page.
 # Everything it writes goes under $EDGESDK_DEMO_DIR (default: out/demo). Re-running is fine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,6 +82,12 @@ step "fleet loop on this machine: repository and statement renewal (fleet-servic
 set -a; . "$WORK/broker/operator.env"; set +a   # every host command below logs in as the operator
 "$EDGESDK" telemetry watch --fleet demo --timeout 120 >"$WORK/watch.log" 2>&1 & PIDS+=($!)
 
+# deploy refuses devices the fleet store has not seen: wait (bounded) for serve's collector to
+# record demo-01's first state.
+for _ in $(seq 120); do
+  "$EDGESDK" devices list --fleet demo --json 2>/dev/null | grep -q '"demo-01"' && break; sleep 0.5
+done
+"$EDGESDK" devices list --fleet demo
 "$EDGESDK" deploy orientation@1.0.0 --repo "$WORK/repo" --fleet demo --device demo-01 \
   --fleet-key "$EDGESDK_HOME/keys/fleet.key"
 
@@ -170,6 +178,13 @@ from agent.client import EdgeClient
 client = EdgeClient(f"http://127.0.0.1:{sys.argv[1]}")
 print("active now:", ", ".join(m["release"] for m in client.models()))
 PY
+
+step "fleet review: the registry, the releases and a telemetry report from the fleet store"
+"$EDGESDK" devices list --fleet demo
+"$EDGESDK" releases list
+"$EDGESDK" telemetry report --fleet demo --since 1h --by release
+"$EDGESDK" telemetry report --fleet demo --since 1h --html "$WORK/report.html" >/dev/null
+echo "HTML report (self-contained, plots): $WORK/report.html"
 
 step "telemetry reported by the agent (next two windows)"
 "$EDGESDK" telemetry watch --fleet demo --count 2 --timeout 30

@@ -31,7 +31,35 @@ S = dict(
     rollout_id=typer.Option(None, "--rollout-id", help="Id carried into the devices' install events."),
     release_key_as_fleet_key=typer.Option(False, "--release-key-as-fleet-key",
                                           help="Allow the key that signed the package to sign the statement."),
+    allow_unknown=typer.Option(False, "--allow-unknown", help="Send statements to devices (and a fleet) the fleet "
+                               "store does not know yet (e.g. before `edgesdk serve` has heard from them)."),
+    store=typer.Option(None, "--store", help="Fleet store the device ids are checked against: a SQLite file or "
+                       "postgresql://... (default: the one under $EDGESDK_HOME)."),
 )
+
+
+def check_known_devices(location: str | None, fleet: str, devices: list[str], verb: str) -> None:
+    """Refuse, in one line naming what is known, a fleet with no device in the store and device ids
+    the store does not know: a typo must not leave a retained statement for a device that never
+    comes (`--allow-unknown` skips this)."""
+    from edgesdk.cli.devices_cmd import join_limited, missing_store, open_store
+
+    hint = f"pass --allow-unknown to {verb} anyway"
+    missing = missing_store(location)
+    if missing is not None:
+        raise ConfigError(f"{missing}; without it the device ids cannot be checked: {hint}")
+    with open_store(location) as fleet_store:
+        known = [d.device_id for d in fleet_store.devices(fleet)]
+        fleets = sorted({d.fleet for d in fleet_store.devices()}) if not known else []
+        where = fleet_store.url
+    if not known:
+        what = f"known fleets: {join_limited(fleets)}" if fleets else f"the store at {where} knows no device yet"
+        raise ConfigError(f"unknown fleet {fleet} ({what}; {hint})")
+    unknown = [d for d in dict.fromkeys(devices) if d not in set(known)]
+    if unknown:
+        noun = "device" if len(unknown) == 1 else "devices"
+        raise ConfigError(f"unknown {noun} {', '.join(unknown)} in fleet {fleet} "
+                          f"(known: {join_limited(known)}; {hint})")
 
 
 def load_fleet_key(path: Path | None):
@@ -77,6 +105,7 @@ def deploy(
     device: list[str] = S["device"], fleet: str = S["fleet"], repo: Path = S["repo"], target: str = S["target"],
     rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
     release_key_as_fleet_key: bool = S["release_key_as_fleet_key"],
+    allow_unknown: bool = S["allow_unknown"], store: str = S["store"],
     broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
     username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
 ) -> None:
@@ -84,9 +113,11 @@ def deploy(
 
     Each model name has its own statement: deploying one model leaves the device's other models
     alone. A device refuses a lower version of a package it runs: use `edgesdk rollback` for that.
+    Device ids the fleet store does not know are refused (--allow-unknown sends anyway).
     """
     _send(package, device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
-          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False)
+          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False,
+          store=store, allow_unknown=allow_unknown)
 
 
 @handle_errors
@@ -96,23 +127,28 @@ def rollback(
     device: list[str] = S["device"], fleet: str = S["fleet"], repo: Path = S["repo"], target: str = S["target"],
     rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
     release_key_as_fleet_key: bool = S["release_key_as_fleet_key"],
+    allow_unknown: bool = S["allow_unknown"], store: str = S["store"],
     broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
     username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
 ) -> None:
     """Put devices back on an earlier version: a signed rollback statement (a lower version is
     refused by devices unless the statement says it is a rollback)."""
     _send(f"{name}@{to}", device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
-          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=True)
+          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=True,
+          store=store, allow_unknown=allow_unknown)
 
 
 def _send(ref: str, devices: list[str], fleet: str, repo: Path, target: str | None, rollout_id: str | None,
-          fleet_key_path: Path | None, allow_release_key: bool, config, rollback: bool) -> None:
+          fleet_key_path: Path | None, allow_release_key: bool, config, rollback: bool,
+          store: str | None, allow_unknown: bool) -> None:
     from edgesdk import protocol
     from edgesdk.fleet.deploy import check_fleet_key, deploy as deploy_to
 
     for d in devices:
         protocol.check_id(d, "device id")
     protocol.check_id(fleet, "fleet")
+    if not allow_unknown:
+        check_known_devices(store, fleet, devices, "roll back" if rollback else "deploy")
     published = resolve_release(repo, ref, target)
     key = load_fleet_key(fleet_key_path)
     check_fleet_key(key, published, allow_release_key)
@@ -130,6 +166,7 @@ def undeploy(
     wait: float = typer.Option(30.0, "--wait", min=0, help="Seconds to wait for each device's `undeployed` "
                                "event before clearing its statement (0: publish and do not wait)."),
     rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
+    allow_unknown: bool = S["allow_unknown"], store: str = S["store"],
     broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
     username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
 ) -> None:
@@ -146,6 +183,8 @@ def undeploy(
     for d in device:
         protocol.check_id(d, "device id")
     protocol.check_id(fleet, "fleet")
+    if not allow_unknown:
+        check_known_devices(store, fleet, device, "undeploy")
     config = broker_config(broker, ca, cert, client_key, username, password, password_file)
     key = load_fleet_key(fleet_key)
     result = undeploy_from(config, fleet, device, name, key, wait_s=wait, rollout_id=rollout_id)

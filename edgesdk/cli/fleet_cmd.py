@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -16,25 +17,46 @@ from edgesdk.errors import ConfigError
 _B = B
 
 
+STATS_EVERY_S = 60.0  # the `collector` line; --verbose: every VERBOSE_STATS_EVERY_S
+VERBOSE_STATS_EVERY_S = 5.0
+
+
 @handle_errors
 def serve(
     fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic root edgesdk/v1/FLEET/)."),
     repo: Path = typer.Option(..., "--repo", help="Package repository folder (filled by `edgesdk publish`)."),
     share_group: str = typer.Option("edgesdk-repo", "--share-group", envvar="EDGESDK_SHARE_GROUP",
                                     help="MQTT 5 shared-subscription group of the repository processes "
-                                    "(`edgesdk broker config` writes a secret one into fleet-service.env)."),
+                                    "(`edgesdk broker config` writes a secret one into fleet-service.env); the "
+                                    "collectors share telemetry in GROUP-collector."),
     fleet_key: Path = typer.Option(None, "--fleet-key", envvar="EDGESDK_FLEET_KEY",
                                    help="Fleet key: with it, serve re-issues live deployment statements before "
                                    "they expire (without it, statements lapse after their lifetime)."),
     renew_every: float = typer.Option(3600.0, "--renew-every", help="Seconds between statement renewal checks."),
+    store: str = typer.Option(None, "--store", help="Fleet store the collector writes: a SQLite file or "
+                              "postgresql://... (default: the one under $EDGESDK_HOME)."),
+    no_collector: bool = typer.Option(False, "--no-collector", help="Run the repository (and renewal) alone: "
+                                      "collect no telemetry, events or device state."),
+    collector_id: str = typer.Option(None, "--collector-id", help="The collector's MQTT client id: keep it across "
+                                     "restarts (the broker queues what devices send meanwhile) and give each serve "
+                                     "its own (default: from the host name, the lowest one no other serve on this "
+                                     "host holds)."),
+    collector_shared: bool = typer.Option(True, "--collector-shared/--collector-unshared",
+                                          help="Split telemetry and events among the serve processes (shared "
+                                          "subscription), or have each store everything (stored once anyway)."),
+    verbose: bool = typer.Option(False, "--verbose", help=f"Print the collector line every "
+                                 f"{VERBOSE_STATS_EVERY_S:g} s instead of every {STATS_EVERY_S:g} s."),
     broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
     username: str = _B["username"], password: str = _B["password"], password_file: Path = _B["password_file"],
 ) -> None:
-    """Run the fleet service until SIGTERM/SIGINT: the package repository, and statement renewal.
+    """Run the fleet service until SIGTERM/SIGINT: the package repository, the collector, and
+    statement renewal.
 
-    Answers devices' block requests from the files in --repo. Several `serve` processes can run
-    at once: they share the requests through an MQTT 5 shared subscription. With --fleet-key it
-    also re-signs each live deployment statement when a third of its lifetime is left.
+    Answers devices' block requests from the files in --repo, and stores what devices report
+    (state, desired statements, install events, telemetry windows) in the fleet store. Several
+    `serve` processes can run at once: they share the block requests and the telemetry through
+    MQTT 5 shared subscriptions. With --fleet-key it also re-signs each live deployment statement
+    when a third of its lifetime is left.
     """
     from edgesdk.fleet.repository import RepositoryServer, list_packages
     from edgesdk.signing import load_private_key
@@ -46,23 +68,60 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = RepositoryServer(config, fleet, repo, share_group=share_group)
-    server.start()
-    renewer = None
-    if key is not None:
-        from edgesdk.fleet.renewal import StatementRenewer
-
-        renewer = StatementRenewer(config, fleet, key, check_every_s=renew_every)
-        renewer.start()
-    console.print(f"serving {len(list_packages(repo))} package(s) from {repo} on {config.url} (fleet {fleet}); "
-                  f"statement renewal {'on' if renewer else 'off (no --fleet-key)'}")
+    fleet_store = collector = renewer = server = claimed = None
     try:
-        stop.wait()
+        if not no_collector:
+            from edgesdk.fleet.collector import Collector, claim_client_id
+            from edgesdk.fleet.store import FleetStore, default_store_path
+
+            fleet_store = FleetStore.open(store)
+            if collector_id is None:  # the host's lowest free id: a restart resumes its session
+                claimed = claim_client_id(fleet, share_group, default_store_path().parent / "collectors")
+                collector_id = claimed.client_id
+            collector = Collector(config, fleet, fleet_store, client_id=collector_id, share_group=share_group,
+                                  shared=collector_shared)
+        server = RepositoryServer(config, fleet, repo, share_group=share_group)
+        server.start()
+        if collector is not None:
+            collector.start()
+        if key is not None:
+            from edgesdk.fleet.renewal import StatementRenewer
+
+            renewer = StatementRenewer(config, fleet, key, check_every_s=renew_every)
+            renewer.start()
+        collecting = (f"collector {collector.client_id} into {fleet_store.url}" if collector is not None
+                      else "collector off (--no-collector)")
+        console.print(f"serving {len(list_packages(repo))} package(s) from {repo} on {config.url} (fleet {fleet}); "
+                      f"{collecting}; statement renewal {'on' if renewer else 'off (no --fleet-key)'}",
+                      markup=False)
+        _run_until(stop, collector, VERBOSE_STATS_EVERY_S if verbose else STATS_EVERY_S)
     finally:
-        if renewer is not None:
-            renewer.stop()
-        server.stop()
-    console.print("repository stopped")
+        # Collector first: it commits and acknowledges what it received before it disconnects.
+        for part in (collector, renewer, server):
+            if part is not None:
+                part.stop()
+        if fleet_store is not None:
+            fleet_store.close()
+        if claimed is not None:
+            claimed.release()
+    console.print("repository stopped" + ("" if collector is None else ", collector stopped, store closed"),
+                  markup=False)
+
+
+def _run_until(stop: threading.Event, collector, every_s: float) -> None:  # noqa: ANN001 - a Collector
+    """Wait for SIGTERM/SIGINT, printing the collector line every ``every_s``; FleetError when the
+    collector gave up (its session taken over by another serve with the same --collector-id)."""
+    from edgesdk.errors import FleetError
+
+    next_line = time.monotonic() + every_s
+    while not stop.wait(min(1.0, max(0.0, next_line - time.monotonic()))):
+        if collector is None:
+            continue
+        if collector.failure:
+            raise FleetError(collector.failure)
+        if time.monotonic() >= next_line:
+            console.print(collector.stats.line(time.time()), markup=False)
+            next_line += every_s
 
 
 @handle_errors
@@ -71,11 +130,16 @@ def publish(
     repo: Path = typer.Option(..., "--repo", help="Package repository folder."),
     public_key: list[Path] = typer.Option([], "--public-key", help="Trusted key to verify the signature with "
                                           "(repeatable); default: the default signing key's signing.pub."),
+    store: str = typer.Option(None, "--store", help="Fleet store that records the release (name@version, "
+                              "target, the manifest's metrics): a SQLite file or postgresql://... (default: the "
+                              "one under $EDGESDK_HOME)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Verify a package (signature and every file's hash) and add it to the repository by sha256."""
+    """Verify a package (signature and every file's hash), add it to the repository by sha256, and
+    record the release in the fleet store."""
     from edgesdk.atomicfile import check_output_folder
     from edgesdk.fleet.repository import publish_package
+    from edgesdk.fleet.store import FleetStore
     from edgesdk.signing import PUBLIC_NAME, default_key_dir, load_public_key
 
     if not package.is_file():
@@ -85,7 +149,13 @@ def publish(
     paths = list(public_key) or [default_key_dir() / PUBLIC_NAME]
     if not public_key and not paths[0].exists():
         raise ConfigError("no --public-key given and no default key: pass the key the package was signed with")
-    published = publish_package(package, repo, [load_public_key(p) for p in paths])
+    keys = [load_public_key(p) for p in paths]
+    fleet_store = FleetStore.open(store)  # before publishing: an unreachable store publishes nothing
+    try:
+        published = publish_package(package, repo, keys)
+        record_release(published, fleet_store)
+    finally:
+        fleet_store.close()
     if as_json:
         print_json({"package_id": published.package_id, "name": published.name, "version": published.version,
                     "target": published.target, "size": published.size, "signer": published.signer,
@@ -95,7 +165,25 @@ def publish(
               f"{published.package_id} — {published.size / 1e6:.2f} MB, signed by {published.signer}")
 
 
-telemetry_app = typer.Typer(help="Watch what devices report.", no_args_is_help=True)
+def record_release(published, fleet_store) -> None:  # noqa: ANN001 - a PublishedPackage, a FleetStore
+    """Record a published package in the fleet store, with each variant's metrics from its manifest."""
+    from edgesdk.errors import FleetError
+    from edgesdk.fleet.records import ReleaseRecord
+    from edgesdk.package import open_package
+
+    with open_package(published.path) as opened:  # the bytes publish just verified
+        manifest = opened.manifest
+    release = ReleaseRecord(package_id=published.package_id, name=published.name, version=published.version,
+                            target=published.target, size=published.size, published_at=time.time(),
+                            signer=published.signer, metrics={v.id: v.metrics for v in manifest.variants})
+    try:
+        fleet_store.record_release(release)
+    except FleetError as exc:
+        raise FleetError(f"published {published.name} {published.version} as {published.package_id[:12]}, but "
+                         f"the fleet store did not record the release: {exc}") from None
+
+
+telemetry_app = typer.Typer(help="Watch what devices report, and review it from the fleet store.", no_args_is_help=True)
 
 
 @telemetry_app.command("watch")
@@ -141,8 +229,8 @@ def watch(
     client.on_message = on_message
 
     def on_connect(c, userdata, flags, reason, props) -> None:  # noqa: ANN001
-        for leaf in ("state", "events", "telemetry"):
-            c.subscribe(f"{root}/devices/{device}/{leaf}", qos=1)
+        # One SUBSCRIBE for all three: a retained state printed means every filter is in place.
+        c.subscribe([(f"{root}/devices/{device}/{leaf}", 1) for leaf in ("state", "events", "telemetry")])
 
     client.on_connect = on_connect
     connect_blocking(client, config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from edgesdk import __version__
-from edgesdk.cli import broker_cmd, deploy_cmd, devices_cmd, fleet_cmd, inspect_cmd, keys, package_cmd, targets, trust_cmd
+from edgesdk.cli import (broker_cmd, deploy_cmd, devices_cmd, fleet_cmd, inspect_cmd, keys, package_cmd, releases_cmd,
+                         report_cmd, sim_cmd, targets, trust_cmd)
 
 app = typer.Typer(
     name="edgesdk",
@@ -19,13 +20,14 @@ app.add_typer(targets.app, name="targets")
 app.add_typer(broker_cmd.app, name="broker")
 app.add_typer(devices_cmd.app, name="devices")
 app.add_typer(trust_cmd.app, name="trust")
+app.add_typer(releases_cmd.app, name="releases")
+report_cmd.register(fleet_cmd.telemetry_app)  # `telemetry report`, beside fleet_cmd's `telemetry watch`
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(inspect_cmd.verify)
-
-
 app.command("package")(package_cmd.package)
 fleet_cmd.register(app)
 deploy_cmd.register(app)
+sim_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)

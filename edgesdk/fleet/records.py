@@ -15,6 +15,8 @@ DeviceStatus = Literal["online", "offline", "unknown"]
 # A device silent for more than this many of its telemetry windows is `unknown` (DESIGN §8).
 SILENT_WINDOWS = 3
 GROUP_KEYS = ("release", "device", "target", "provider", "model", "hardware")  # and "label:KEY"
+# The group key of telemetry whose grouping value is not known (no such label, no provider...).
+NO_VALUE = "—"
 
 
 def release_name(name: str | None, version: str | None) -> str | None:
@@ -67,6 +69,8 @@ class DeviceRecord:
     models: tuple[ModelRecord, ...] = ()  # what it runs now, by name
     desired: tuple[DesiredRecord, ...] = ()  # what it was told to run, by name
     telemetry_interval_s: float | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)  # what the device's state said (arch, cpu, ...)
+    runtimes: dict[str, Any] = field(default_factory=dict)  # runtime -> {"version", "providers"}
 
     def model(self, name: str) -> ModelRecord | None:
         return next((m for m in self.models if m.name == name), None)
@@ -127,6 +131,8 @@ class EventRecord:
     rollout_id: str | None
     reason: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    progress: float | None = None  # 0..1, for downloading
+    table: list[dict[str, Any]] | None = None  # for selected: the benchmark rows
 
 
 @dataclass(frozen=True)

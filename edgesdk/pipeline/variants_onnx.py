@@ -35,6 +35,7 @@ from edgesdk.pipeline.graph_stats import (
     if_subgraph_weight_count, iter_nodes, matmul_fraction, ml_op_types, upgrade_opset,
 )
 from edgesdk.profiles import CALIBRATION_METHODS, VARIANT_KINDS
+from edgesdk.quiet import output_hint, output_mark
 
 __all__ = [
     "BuiltVariant", "VariantNotApplicable", "OnnxFp32Builder", "OnnxFp16Builder",
@@ -125,11 +126,13 @@ class OnnxFp16Builder(_OnnxBuilder):
             raise VariantNotApplicable(f"{self.kind}: no float32 weights, fp16 changes nothing")
         cfg = self.config
         block = list(cfg.op_block_list) if cfg.op_block_list is not None else None
+        mark = output_mark()
         try:
             converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=cfg.keep_io_types,
                                                  op_block_list=block)
         except Exception as exc:  # the converter asserts and raises ValueError on odd graphs
-            raise PackagingError(f"{self.kind}: float16 conversion failed: {first_line(exc)}") from None
+            raise PackagingError(f"{self.kind}: float16 conversion failed: {first_line(exc)}"
+                                 f"{output_hint(mark)}") from None
         out_dir = Path(out_dir)
         with work_dir(out_dir, self.kind) as tmp:
             staged = save_onnx(converted, tmp / f"{self.kind}.onnx")
@@ -310,19 +313,23 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
                                    "WeightSymmetric": cfg.weight_symmetric},
                 )
 
+            mark = output_mark()
             try:
                 quantize(src)
             except Exception as exc:
                 if src.name != "preprocessed.onnx":
-                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc)}") from None
+                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc)}"
+                                         f"{output_hint(mark)}") from None
                 # Measured on magika: the pre-processor's Gemm fusion leaves a 2-D bias that ORT's
                 # per-channel bias-scale check cannot handle; the graph as given quantizes fine.
                 notes.append(f"quantize_static failed on the pre-processed model ({first_line(exc)}); "
                              "retried without quant_pre_process")
+                mark = output_mark()
                 try:
                     quantize(tmp / "input.onnx")
                 except Exception as exc2:
-                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc2)}") from None
+                    raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc2)}"
+                                         f"{output_hint(mark)}") from None
             files, quantized = _publish_quantized(self.kind, model, out, out_dir)
         notes.append(f"{quantized} nodes quantized ({'per-channel' if per_channel else 'per-tensor'} "
                      f"weights, {cfg.calibration_method} calibration over {len(samples)} samples)")
@@ -410,13 +417,15 @@ class OnnxInt8DynamicBuilder(_OnnxBuilder):
             save_onnx(model, src)
             out = tmp / "out" / f"{self.kind}.onnx"
             out.parent.mkdir()
+            mark = output_mark()
             try:
                 quantize_dynamic(str(src), str(out), op_types_to_quantize=list(cfg.op_types),
                                  per_channel=False, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
                                  use_external_data_format=model.ByteSize() > PROTO_LIMIT)
             except Exception as exc:
-                raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}") from None
+                raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}"
+                                     f"{output_hint(mark)}") from None
             files, quantized = _publish_quantized(self.kind, model, out, out_dir)
         notes.append(f"{quantized} nodes quantized (MatMul share of MACs {share:.0%})")
         return self._result(files, notes, quantized)

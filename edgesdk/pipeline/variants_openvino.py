@@ -32,6 +32,7 @@ from edgesdk.pipeline.graph_stats import (
     ml_op_types,
 )
 from edgesdk.profiles import VARIANT_KINDS
+from edgesdk.quiet import output_hint, output_mark
 
 HOST_REFERENCE_OPTIONS: dict[str, str] = {"inference_precision_hint": "f32"}
 PRESETS = ("performance", "mixed")
@@ -211,11 +212,12 @@ class OpenVinoInt8Builder(_OpenVinoBuilder):
         preset = {"performance": nncf.QuantizationPreset.PERFORMANCE,
                   "mixed": nncf.QuantizationPreset.MIXED}[cfg.preset]
         subset = min(cfg.subset_size, len(samples))
+        mark = output_mark()
         try:
             quantized = nncf.quantize(ov_model, nncf.Dataset(samples, _as_feeds), preset=preset,
                                       subset_size=subset, ignored_scope=ignored)
         except Exception as exc:  # nncf raises its own errors and whatever OpenVINO raised
-            raise PackagingError(f"{self.kind}: nncf.quantize failed: {first_line(exc)}") from None
+            raise PackagingError(f"{self.kind}: nncf.quantize failed: {first_line(exc)}{output_hint(mark)}") from None
         notes.append(f"NNCF preset {cfg.preset}, {subset} calibration samples")
         return quantized
 

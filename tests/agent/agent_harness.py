@@ -580,46 +580,11 @@ def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60.0) -> s
 
 
 
-class ServeProcess:
-    """`edgesdk serve` as a child process; `ready` is set when it says it is serving."""
+def ServeProcess(broker_url: str, repo_dir: Path, env: Mapping[str, str], *args: str) -> Any:  # noqa: N802
+    """`edgesdk serve` for this harness's fleet (tests/fixtures/serve.py)."""
+    from tests.fixtures.serve import ServeProcess as Serve
 
-    def __init__(self, broker_url: str, repo_dir: Path, env: Mapping[str, str]) -> None:
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen([str(VENV_BIN / "edgesdk"), "serve", "--repo", str(repo_dir), "--fleet", FLEET,
-                                      "--broker", broker_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=dict(env))
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            if line.startswith("serving "):
-                self.ready.set()
-        self.ready.set()  # exited: wake the waiter, which then sees the exit code
-
-    def wait_ready(self, timeout: float = WAIT_S) -> None:
-        if not self.ready.wait(timeout) or self.proc.poll() is not None:
-            raise AssertionError(f"edgesdk serve did not start: {' / '.join(self.lines)}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(15)
-        finally:
-            self._reader.join(5)
-
-    def __enter__(self) -> ServeProcess:
-        self.wait_ready()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.stop()
+    return Serve(broker_url, repo_dir, env, FLEET, *args)
 
 
 @contextmanager

@@ -35,7 +35,7 @@ def test_deploy_installs_serves_and_reports_over_mqtt(secure_mosquitto, packages
     with Collector(mosquitto.url, device) as col, ServeProcess(mosquitto.url, packages.repo, env), \
             AgentProcess(config, tmp_path / "agent.log", env) as agent:
         col.wait_state(lambda s: s.online, what="the agent's online state")
-        deployed = run_cli(["edgesdk", "deploy", packages.v1.pid, "--device", device, "--fleet", FLEET,
+        deployed = run_cli(["edgesdk", "deploy", packages.v1.pid, "--device", device, "--fleet", FLEET, "--allow-unknown",
                             "--repo", str(packages.repo), "--broker", mosquitto.url, "--rollout-id", "r-1"], env)
         assert deployed.returncode == 0, deployed.stderr
 

@@ -174,7 +174,7 @@ def test_undeploy_unloads_one_model_keeps_its_files_for_the_grace_period_and_red
         events = len(rig.col.events)
         undeployed = run_cli(["edgesdk", "undeploy", DET_MODEL, "--device", rig.device, "--fleet", FLEET,
                               "--broker", rig.broker.url, "--fleet-key", str(rig.packages.fleet_keys.private_path),
-                              "--wait", "20"], subprocess_env(rig.tmp / "home", rig.broker.url))
+                              "--wait", "20", "--allow-unknown"], subprocess_env(rig.tmp / "home", rig.broker.url))
         assert undeployed.returncode == 0, undeployed.stdout + undeployed.stderr
         assert "confirmed" in undeployed.stdout and "cleared" in undeployed.stdout
         # The operator cleared the retained statement once the device confirmed: the collector,

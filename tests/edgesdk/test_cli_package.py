@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from typer.testing import CliRunner
 
 from edgesdk.cli import common
 from edgesdk.cli.main import app
+from tests.fixtures.cli_json import doc_section, documented_keys
 from tests.fixtures.tiny_models import IR_VERSION, OPSET, random_samples, save_samples_npz, small_cnn
 
-REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "cli-json.md"
 runner = CliRunner()
 
 
@@ -169,6 +167,23 @@ BAD_INPUT: dict[str, tuple[Callable[[Path], list[str]], int, str]] = {
     "op-unknown-to-runtime": (custom_op_model, 1, "op Foo (domain com.example) cannot run on runtime onnxruntime"),
     "key-file-not-a-key": (key_that_is_not_a_key, 2, "not a PEM private key"),
     "labels-without-validation": (labels_without_validation, 2, "--labels needs --validation"),
+    "target-typo": (lambda tmp: [str(small_cnn(tmp / "cnn.onnx")), "--target", "jetsn"], 2,
+                    "unknown target 'jetsn': did you mean jetson (jetson-agx-orin, jetson-orin-nano)?"),
+    "ambiguous-target-prefix": (lambda tmp: [str(small_cnn(tmp / "cnn.onnx")), "--target", "raspberry-pi-"], 2,
+                                "matches raspberry-pi-4, raspberry-pi-5: name one, or the family raspberry-pi"),
+    "empty-version": (lambda tmp: [*_cnn_with(tmp), "--version", ""], 2, "invalid --version '': a package version is"),
+    "blank-version": (lambda tmp: [*_cnn_with(tmp), "--version", "  "], 2, "invalid --version '  '"),
+    "version-with-slash": (lambda tmp: [*_cnn_with(tmp), "--version", "1.0/2"], 2, "invalid --version '1.0/2'"),
+    "version-with-control-char": (lambda tmp: [*_cnn_with(tmp), "--version", "1.0\x1b[2J"], 2,
+                                  "invalid --version '1.0\\x1b[2J'"),
+    "version-with-newline": (lambda tmp: [*_cnn_with(tmp), "--version", "1.0\n"], 2, "invalid --version '1.0\\n'"),
+    "empty-name": (lambda tmp: [*_cnn_with(tmp), "--name", ""], 2, "invalid --name '': a model name is an MQTT topic"),
+    "name-with-space": (lambda tmp: [*_cnn_with(tmp), "--name", "my model"], 2, "invalid --name 'my model'"),
+    "name-with-slash": (lambda tmp: [*_cnn_with(tmp), "--name", "cams/front"], 2,
+                        "devices/{id}/desired/{name}), so it must be 1-64 letters"),
+    "model-file-name-not-a-name": (lambda tmp: [str(small_cnn(tmp / ".hidden.onnx")), "--target", "x86-64-cpu"], 2,
+                                   "the model file's name gives the model name '.hidden', which is not valid: "
+                                   "pass --name"),
 }
 
 
@@ -287,25 +302,6 @@ def test_tflite_model_for_x86_fails_in_one_line_naming_litert(real_model, tmp_pa
 # --json output matches docs/cli-json.md
 
 
-def documented_keys() -> dict[str, set[str]]:
-    """Section heading → the keys its table lists (first column, in backticks)."""
-    sections: dict[str, set[str]] = {}
-    heading = ""
-    for line in DOC.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-            sections[heading] = set()
-        elif (match := re.match(r"^\| `([^`]+)` \|", line)) and heading:
-            sections[heading].add(match.group(1))
-    return sections
-
-
-def doc_section(title_part: str) -> set[str]:
-    (keys,) = [keys for heading, keys in documented_keys().items() if title_part in heading]
-    assert keys, f"section {title_part!r} of {DOC} lists no keys"
-    return keys
-
-
 @pytest.fixture(scope="module")
 def json_package(tmp_path_factory: pytest.TempPathFactory):
     """One package with a shipped, a dropped and a skipped variant, made by `package --json`.
@@ -392,7 +388,10 @@ def test_json_doc_sections_are_all_checked():
     assert {h for h, keys in documented_keys().items() if keys} == {
         "`edgesdk package MODEL --target T --json`", "`edgesdk inspect PACKAGE --json`", "variant rows",
         "source", "calibration", "dropped", "skipped", "host", "`edgesdk verify PACKAGE --public-key K --json`",
-        "`edgesdk targets list --json`"}
+        "`edgesdk targets list --json`",
+        # checked in tests/edgesdk/fleet/test_registry_cli.py and test_report.py
+        "`edgesdk devices list --json`", "device entries", "`edgesdk releases list --json`", "release entries",
+        "`edgesdk telemetry report --format json`", "report groups", "report outliers", "install failures"}
 
 
 def test_package_leaves_no_temp_files_in_working_directory(tmp_path, monkeypatch):

@@ -11,11 +11,15 @@ import yaml
 
 from edgesdk.errors import ConfigError
 from edgesdk.profiles import (
+    TargetNames,
     all_builtin_profiles,
     builtin_profile_names,
+    builtin_target_names,
     load_builtin,
     load_profile_file,
+    parse_profile,
     resolve_target,
+    resolve_targets,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,6 +219,11 @@ BAD_PROFILES = [
     ("zero-batch", with_change(("shapes", "batch"), 0), "shapes.batch"),
     ("unknown-gate-precision", with_change(("gates", "int4"), {"cosine_min": 0.9}), "gates.int4"),
     ("unknown-gate-key", with_change(("gates", "int8", "cosine"), 0.9), "gates.int8.cosine"),
+    ("family-with-a-space", with_change(("family",), "my board"), "family"),
+    ("family-in-capitals", with_change(("family",), "Jetson"), "family"),
+    ("family-not-a-string", with_change(("family",), ["jetson"]), "family"),
+    ("aliases-not-a-list", with_change(("aliases",), "rpi"), "aliases"),
+    ("alias-with-a-slash", with_change(("aliases",), ["boards/pi"]), "aliases[0]"),
 ]
 
 
@@ -260,3 +269,147 @@ def test_profile_that_is_not_a_mapping_is_refused(tmp_path: Path, text: str):
         load_profile_file(path)
 
     assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target names: families, aliases, prefixes, and what an unknown name suggests
+
+
+def test_every_builtin_profile_declares_its_family():
+    # The families are data (DESIGN.md §1: nothing in code lists targets by name).
+    for path in sorted((REPO / "targets").glob("*.yaml")):
+        assert "family" in yaml.safe_load(path.read_text(encoding="utf-8")), path.name
+
+
+def test_builtin_families_group_the_profiles_by_device_kind():
+    names = builtin_target_names()
+
+    assert names.families == {
+        "arm64": ("arm64-cpu",), "intel": ("intel-core-ultra-npu",),
+        "jetson": ("jetson-agx-orin", "jetson-orin-nano"), "raspberry-pi": ("raspberry-pi-4", "raspberry-pi-5"),
+        "x86-64": ("x86-64-cpu",)}
+    assert set(names.profiles) == set(builtin_profile_names())
+
+
+RESOLVES = [
+    # (what the user typed, the profiles it names, the family it named or None)
+    ("jetson", ["jetson-agx-orin", "jetson-orin-nano"], "jetson"),
+    ("Jetson", ["jetson-agx-orin", "jetson-orin-nano"], "jetson"),
+    ("raspberry-pi", ["raspberry-pi-4", "raspberry-pi-5"], "raspberry-pi"),
+    ("rpi", ["raspberry-pi-4", "raspberry-pi-5"], "raspberry-pi"),
+    ("pi", ["raspberry-pi-4", "raspberry-pi-5"], "raspberry-pi"),
+    ("intel", ["intel-core-ultra-npu"], "intel"),
+    ("npu", ["intel-core-ultra-npu"], "intel"),
+    ("x86", ["x86-64-cpu"], "x86-64"),
+    ("x86-64", ["x86-64-cpu"], "x86-64"),
+    ("arm64", ["arm64-cpu"], "arm64"),
+    ("aarch64", ["arm64-cpu"], "arm64"),
+    ("jetson-orin-nano", ["jetson-orin-nano"], None),
+    ("jetson-orin", ["jetson-orin-nano"], None),  # a unique prefix narrows to one profile
+    ("jetson-agx", ["jetson-agx-orin"], None),
+    ("raspberry-pi-5", ["raspberry-pi-5"], None),
+    (" x86-64-cpu ", ["x86-64-cpu"], None),
+]
+
+
+@pytest.mark.parametrize("asked, expected, family", RESOLVES, ids=[r[0].strip() or "blank" for r in RESOLVES])
+def test_target_name_resolves_to_profiles(asked: str, expected: list[str], family: str | None):
+    selection = resolve_targets(asked)
+
+    assert [p.name for p in selection.profiles] == expected
+    assert selection.family == family
+
+
+UNKNOWN = [
+    # (what the user typed, the whole one-line message)
+    ("jetsn", "unknown target 'jetsn': did you mean jetson (jetson-agx-orin, jetson-orin-nano)?"),
+    ("rpi5", "unknown target 'rpi5': did you mean raspberry-pi-5 or rpi (raspberry-pi-4, raspberry-pi-5)?"),
+    ("nano", "unknown target 'nano': did you mean jetson-orin-nano?"),
+    ("jetson-", "target 'jetson-' matches jetson-agx-orin, jetson-orin-nano: name one, or the family jetson "
+                "for all of them"),
+    ("raspberry", "target 'raspberry' matches raspberry-pi-4, raspberry-pi-5: name one, or the family "
+                  "raspberry-pi for all of them"),
+]
+
+
+@pytest.mark.parametrize("asked, message", UNKNOWN, ids=[u[0] for u in UNKNOWN])
+def test_unknown_or_ambiguous_target_suggests_names_in_one_line(asked: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        resolve_targets(asked)
+
+    assert str(err.value) == message
+
+
+def test_target_with_no_close_name_lists_profiles_families_and_aliases():
+    with pytest.raises(ConfigError) as err:
+        resolve_targets("quantum-toaster")
+
+    message = str(err.value)
+    assert message.startswith("unknown target 'quantum-toaster' (built-in targets: ")
+    assert "raspberry-pi (or rpi, pi)" in message and "jetson" in message
+    assert "\n" not in message
+
+
+def test_resolve_target_refuses_a_family_of_several_profiles_and_takes_a_family_of_one():
+    with pytest.raises(ConfigError) as err:
+        resolve_target("jetson")
+
+    assert "jetson-agx-orin, jetson-orin-nano: name one of them" in str(err.value)
+    assert resolve_target("npu").name == "intel-core-ultra-npu"
+
+
+def test_path_that_does_not_exist_is_read_as_a_profile_file(tmp_path: Path):
+    with pytest.raises(ConfigError) as err:
+        resolve_targets(str(tmp_path / "boards" / "mine"))
+
+    assert "not found" in str(err.value)
+
+
+def test_user_profile_family_defaults_to_first_word_of_its_name(tmp_path: Path):
+    profile = resolve_target(str(write_profile(tmp_path, VALID)))
+
+    assert (profile.family, profile.aliases) == ("my", ())
+
+
+def _profile(name: str, family: str | None = None, aliases: list[str] | None = None) -> Any:
+    data = with_change(("name",), name)
+    if family is not None:
+        data["family"] = family
+    if aliases is not None:
+        data["aliases"] = aliases
+    return parse_profile(data, f"{name}.yaml")
+
+
+CLASHES = [
+    # (profiles, file and key the message must start with)
+    ([_profile("board-a", "board", ["ba"]), _profile("board-b", "board", ["ba"]), _profile("bay-1")],
+     None),  # no clash: both board profiles may repeat the family's alias
+    ([_profile("board-a", "board", ["board-b"]), _profile("board-b", "other")], "board-a.yaml: aliases:"),
+    ([_profile("board-a", "board", ["b"]), _profile("kit-a", "kit", ["b"])], "kit-a.yaml: aliases:"),
+    ([_profile("board-a", "board", ["kit"]), _profile("kit-a", "kit")], "board-a.yaml: aliases:"),
+    ([_profile("board-a", "board-b"), _profile("board-b", "board-b"), _profile("board-c", "board-b")],
+     "board-a.yaml: family:"),
+]
+
+
+@pytest.mark.parametrize("profiles, prefix", CLASHES, ids=["no-clash", "alias-is-a-profile-name",
+                                                           "alias-in-two-families", "alias-is-a-family",
+                                                           "family-is-a-profile-name"])
+def test_a_name_that_would_mean_two_things_is_refused(profiles, prefix: str | None):
+    if prefix is None:
+        names = TargetNames.of(profiles)
+        assert [p.name for p in names.resolve("ba").profiles] == ["board-a", "board-b"]
+        assert names.resolve("bay").family == "bay"  # the default family: the name's first word
+        return
+    with pytest.raises(ConfigError) as err:
+        TargetNames.of(profiles)
+
+    assert str(err.value).startswith(prefix)
+
+
+def test_builtin_target_names_have_no_clash():
+    # TargetNames.of raises on a clash; the built-ins must load as a set.
+    names = builtin_target_names()
+
+    assert names.aliases == {"aarch64": "arm64", "npu": "intel", "rpi": "raspberry-pi", "pi": "raspberry-pi",
+                             "x86": "x86-64", "x86_64": "x86-64"}

@@ -6,10 +6,8 @@ non-zero exit."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -21,6 +19,7 @@ from edgesdk.broker import connect_blocking, disconnect, make_client, parse_brok
 from edgesdk.cli.deploy_cmd import UNCONFIRMED_EXIT
 from edgesdk.cli.main import app
 from edgesdk.fleet.deploy import publish_retained
+from edgesdk.fleet.retained import read_retained
 from edgesdk.fleet.repository import publish_package
 from edgesdk.protocol import DeviceState, InstallEvent, InstallEventKind, SignedStatement
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
@@ -42,29 +41,9 @@ def repo(tmp_path: Path) -> dict:
 
 
 def retained(url: str, topic_filter: str, marker_topic: str | None = None) -> dict[str, bytes]:
-    """Every retained message under ``topic_filter`` (topic -> payload), read behind a barrier: after
-    the SUBACK the same client publishes a marker on ``marker_topic`` (a topic the filter matches),
-    and the broker delivers the retained messages of a subscription before anything published
-    after it, so "nothing arrived before the marker" means "nothing is retained"."""
-    config = parse_broker_url(url)
-    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    subscribed = threading.Event()
-    client = make_client(f"read-{uuid.uuid4().hex[:8]}", config, clean_start=True)
-    client.on_message = lambda c, u, m: got.put(m)
-    client.on_subscribe = lambda *a: subscribed.set()
-    connect_blocking(client, config)
-    marker = uuid.uuid4().hex.encode()
-    try:
-        client.subscribe(topic_filter, qos=1)
-        assert subscribed.wait(WAIT_S), "no SUBACK"
-        client.publish(marker_topic or topic_filter, marker, qos=1).wait_for_publish(WAIT_S)
-        found: dict[str, bytes] = {}
-        while (m := got.get(timeout=WAIT_S)).payload != marker:
-            assert m.retain, f"a live message on {m.topic} while reading retained ones"
-            found[m.topic] = m.payload
-        return found
-    finally:
-        disconnect(client)
+    """Every retained message under ``topic_filter`` (topic -> payload), read behind a marker on
+    ``marker_topic`` (a topic the filter matches): `edgesdk.fleet.retained.read_retained`."""
+    return read_retained(parse_broker_url(url), topic_filter, marker_topic or topic_filter, timeout_s=WAIT_S)
 
 
 def retained_statement(url: str, device: str, name: str = "det") -> SignedStatement:
@@ -111,7 +90,8 @@ class FakeDevice:
 
 
 def run(args: list[str], url: str):  # noqa: ANN201
-    return CliRunner().invoke(app, [*args, "--fleet", FLEET, "--broker", url])
+    # The devices here are test clients the fleet store has never seen.
+    return CliRunner().invoke(app, [*args, "--fleet", FLEET, "--broker", url, "--allow-unknown"])
 
 
 def deploy_args(repo: dict, release: str, *devices: str) -> list[str]:
