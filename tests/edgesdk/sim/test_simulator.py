@@ -24,6 +24,7 @@ from edgesdk.protocol.histogram import LatencyHistogram, histogram_of
 from edgesdk.signing import generate_keys, load_private_key, load_public_key
 from edgesdk.sim import FleetTrust, ScaledClock, SimConfig, StartRelease, fake_package_id, parse_behaviour
 from tests.edgesdk.sim.conftest import WAIT_S, running
+from tests.fixtures.cli_json import doc_section
 
 FLEET = "simfleet"
 BEHAVIOUR = {
@@ -175,6 +176,7 @@ def test_sigterm_stops_cleanly_and_prints_a_summary(mosquitto, watcher) -> None:
         out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err.decode()
     summary = json.loads(out)
+    assert set(summary) == doc_section("edgesdk sim --json")
     assert (summary["ever_connected"], summary["connected"], summary["devices"]) == (4, 0, 4)
     assert "sim: 4/4 devices connected" in err.decode()
     assert not any(s.online for s in states(watch.messages).values())
