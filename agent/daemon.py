@@ -31,7 +31,7 @@ from edgesdk.trustroot import parse_root_chain
 
 from agent.api import ApiServer, parse_address
 from agent.config import AgentConfig
-from agent.hardware import HardwareInfo, probe_hardware
+from agent.hardware import HardwareInfo, choose_target, probe_hardware
 from agent.installer import Installer, InstallOutcome
 from agent.model_host import ModelHost
 from agent.spool import SpoolLimits, TelemetrySpool
@@ -94,6 +94,9 @@ class Agent:
         self.refused: Counter[str] = Counter()  # statements refused, per first word of the reason
         self.broker = broker or broker_config_of(config)
         self.hardware = hardware or probe_hardware()
+        # The configured target, else the one detected (`edge-agent doctor` says why): the registry's column.
+        self._target_name = (config.target_profile.name if config.target_profile is not None
+                             else choose_target(self.hardware).name)
         if available is None:
             from edgesdk.runtime import available_providers
             available = available_providers()
@@ -408,7 +411,7 @@ class Agent:
             device_id=self.config.device_id, online=online, agent_version=__version__,
             labels=dict(self.config.labels), hardware_class=hw.board or hw.cpu_model or hw.arch,
             telemetry_interval_s=self.config.telemetry_interval_s,
-            target=self.config.target_profile.name if self.config.target_profile else None,
+            target=self._target_name,
             hardware={"arch": hw.arch, "cpu": hw.cpu_model, "cores": hw.cpu_count, "ram_mb": hw.ram_mb,
                       "board": hw.board},
             runtimes={rt: {"version": hw.runtimes.get(rt), "providers": provs} for rt, provs in self.available.items()},

@@ -136,18 +136,24 @@ def devices_table(devices, now: float):  # noqa: ANN001, ANN201 - DeviceRecords 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in (["FLEET"] if many_fleets else []) + ["DEVICE", "STATUS", "LAST SEEN", "HARDWARE", "TARGET",
                                                          "MODELS", "LABELS"]:
-        table.add_column(column)
+        # A device's models one per line, never cut short; the hardware class may wrap.
+        table.add_column(column, overflow="fold" if column in ("MODELS", "HARDWARE", "LABELS") else "ellipsis",
+                         max_width=14 if column == "HARDWARE" else None,
+                         min_width=min(24, max((len(m.release) for d in devices for m in d.models), default=6))
+                         if column == "MODELS" else None)
     style = {"online": "green", "offline": "red", "unknown": "yellow"}
     for d in devices:
         cells = [cell_text(d.device_id), Text(d.status, style=style.get(d.status, "")), Text(fmt_ago(d.last_seen, now)),
-                 cell_text(d.hardware_class), cell_text(d.target), cell_text(models_cell(d)),
+                 cell_text(d.hardware_class), cell_text(d.target),
+                 Text("\n".join(cell_text(line).plain for line in models_cell(d).split("\n"))),
                  cell_text(" ".join(f"{k}={v}" for k, v in sorted(d.labels.items())))]
         table.add_row(*([cell_text(d.fleet)] if many_fleets else []), *cells)
     return table
 
 
 def models_cell(d) -> str:  # noqa: ANN001 - a DeviceRecord
-    """'det@2.0, ocr@1.0 (wants ocr@1.1)': what it runs, and what it was told when that differs."""
+    """'det@2.0' and 'ocr@1.0 (wants ocr@1.1)', one per line: what it runs, and what it was told
+    when that differs."""
     parts = []
     wishes = {w.model: w for w in d.desired}
     reached = d.reached()
@@ -158,7 +164,7 @@ def models_cell(d) -> str:  # noqa: ANN001 - a DeviceRecord
         if wish is not None and not reached.get(name, True):
             text += f" (wants {wish.release or ('none' if wish.package_id is None else wish.package_id[:12])})"
         parts.append(text)
-    return ", ".join(parts)
+    return "\n".join(parts)
 
 
 def cell_text(value: object):  # noqa: ANN201

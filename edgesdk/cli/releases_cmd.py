@@ -55,35 +55,34 @@ def release_json(r) -> dict[str, Any]:  # noqa: ANN001 - a ReleaseRecord
             "variants": [{"id": vid, **variant_summary(m)} for vid, m in sorted(r.metrics.items())]}
 
 
-def variants_cell(metrics: dict[str, Any]) -> str:
-    """'onnx-fp32 cos 1.0000 top1 1.000 task 0.970' per variant, one line each."""
-    from edgesdk.cli.fleet_cmd import safe_text
-
-    lines = []
-    for vid, m in sorted(metrics.items()):
-        s = variant_summary(m)
-        parts = [safe_text(vid, 64)]
-        for label, key, digits in (("cos", "min_cosine", 4), ("top1", "min_top1", 3), ("task", "task_metric", 3)):
-            if s[key] is not None:
-                parts.append(f"{label} {s[key]:.{digits}f}")
-        lines.append(" ".join(parts))
-    return "\n".join(lines) or "—"
-
-
 def releases_table(releases):  # noqa: ANN001, ANN201 - ReleaseRecords -> rich Table
+    """One row per variant (the release named on its first row): the packaged metrics side by side,
+    fitting 80 columns; package ids, signers and publication times are in `--json`."""
     from rich.table import Table
     from rich.text import Text
 
     from edgesdk.cli.fleet_cmd import safe_text
-    from edgesdk.fleet.report import fmt_time
 
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("RELEASE", "TARGET", "SIZE", "PUBLISHED", "PACKAGE", "SIGNER", "VARIANTS"):
-        table.add_column(column, justify="right" if column == "SIZE" else "left")
+    for column in ("RELEASE", "TARGET", "VARIANT", "COSINE", "TOP-1", "TASK"):
+        table.add_column(column, no_wrap=column in ("RELEASE", "TARGET", "VARIANT"),
+                         justify="right" if column in ("COSINE", "TOP-1", "TASK") else "left")
     for r in releases:
-        table.add_row(Text(safe_text(r.release)), Text(safe_text(r.target)), _size(r.size), fmt_time(r.published_at),
-                      r.package_id[:12], Text(safe_text(r.signer or "—")), Text(variants_cell(r.metrics)))
+        variants = sorted(r.metrics.items()) or [("—", {})]
+        # The release and target on its first row, its size under them (on the second row).
+        heads = [(Text(safe_text(r.release)), Text(safe_text(r.target))), (Text(f"  {_size(r.size)}", style="dim"), "")]
+        for index, (vid, metrics) in enumerate(variants):
+            summary = variant_summary(metrics)
+            release, target = heads[index] if index < len(heads) else ("", "")
+            table.add_row(release, target, Text(safe_text(vid, 64)), _metric(summary["min_cosine"], 4),
+                          _metric(summary["min_top1"], 3), _metric(summary["task_metric"], 3))
+        if len(variants) == 1:
+            table.add_row(*heads[1], "", "", "", "")
     return table
+
+
+def _metric(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def _size(n: int) -> str:
