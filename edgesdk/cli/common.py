@@ -50,3 +50,25 @@ def escape(text: str) -> str:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def plain_table(headers: list[str], rows: list[list[str]], max_widths: dict[str, int] | None = None) -> str:
+    """Rows as aligned text columns (two spaces apart), the header first. A cell may hold several
+    lines (continuation lines of its row); a line wider than its column's ``max_widths`` is cut
+    with "…". Linear in the rows: rich's Table measures every cell and took 4 s for 5,000 devices."""
+    caps = max_widths or {}
+    split = [[cell.split("\n") for cell in row] for row in rows]
+    widths = []
+    for i, header in enumerate(headers):
+        longest = max([len(header), *(len(line) for row in split for line in row[i])])
+        widths.append(min(longest, caps.get(header, longest)))
+
+    def fit(text: str, width: int) -> str:
+        return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+    out_lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row in split:
+        for k in range(max(len(cell) for cell in row)):
+            out_lines.append("  ".join(fit(cell[k] if k < len(cell) else "", w).ljust(w)
+                                       for cell, w in zip(row, widths)).rstrip())
+    return "\n".join(out_lines)

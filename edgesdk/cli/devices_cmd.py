@@ -3,6 +3,8 @@ the registry in the fleet store: `list`, `show`, `forget`."""
 
 from __future__ import annotations
 
+import sys
+
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,32 +125,24 @@ def list_devices(
         console.print(f"no devices in {where}{' matching ' + ', '.join(select) if select else ''} "
                       f"(the store at {fleet_store.url} fills as `edgesdk serve` hears from devices)", markup=False)
         return
-    out.print(devices_table(devices, now))
+    sys.stdout.write(devices_table(devices, now) + "\n")
 
 
-def devices_table(devices, now: float):  # noqa: ANN001, ANN201 - DeviceRecords -> rich Table
-    from rich.table import Table
-    from rich.text import Text
-
+def devices_table(devices, now: float) -> str:  # noqa: ANN001 - DeviceRecords
+    """The registry as aligned text: a device's models one per line, device-sent text escaped."""
+    from edgesdk.cli.common import plain_table
     from edgesdk.fleet.report import fmt_ago
 
     many_fleets = len({d.fleet for d in devices}) > 1
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in (["FLEET"] if many_fleets else []) + ["DEVICE", "STATUS", "LAST SEEN", "HARDWARE", "TARGET",
-                                                         "MODELS", "LABELS"]:
-        # A device's models one per line, never cut short; the hardware class may wrap.
-        table.add_column(column, overflow="fold" if column in ("MODELS", "HARDWARE", "LABELS") else "ellipsis",
-                         max_width=14 if column == "HARDWARE" else None,
-                         min_width=min(24, max((len(m.release) for d in devices for m in d.models), default=6))
-                         if column == "MODELS" else None)
-    style = {"online": "green", "offline": "red", "unknown": "yellow"}
+    headers = (["FLEET"] if many_fleets else []) + ["DEVICE", "STATUS", "LAST SEEN", "HARDWARE", "TARGET",
+                                                    "MODELS", "LABELS"]
+    rows = []
     for d in devices:
-        cells = [cell_text(d.device_id), Text(d.status, style=style.get(d.status, "")), Text(fmt_ago(d.last_seen, now)),
-                 cell_text(d.hardware_class), cell_text(d.target),
-                 Text("\n".join(cell_text(line).plain for line in models_cell(d).split("\n"))),
-                 cell_text(" ".join(f"{k}={v}" for k, v in sorted(d.labels.items())))]
-        table.add_row(*([cell_text(d.fleet)] if many_fleets else []), *cells)
-    return table
+        cells = [plain(d.device_id), d.status, fmt_ago(d.last_seen, now), plain(d.hardware_class), plain(d.target),
+                 "\n".join(plain(line) for line in models_cell(d).split("\n")),
+                 plain(" ".join(f"{k}={v}" for k, v in sorted(d.labels.items())))]
+        rows.append(([plain(d.fleet)] if many_fleets else []) + cells)
+    return plain_table(headers, rows, {"HARDWARE": 18, "TARGET": 18, "MODELS": 36, "LABELS": 30})
 
 
 def models_cell(d) -> str:  # noqa: ANN001 - a DeviceRecord
@@ -167,14 +161,19 @@ def models_cell(d) -> str:  # noqa: ANN001 - a DeviceRecord
     return "\n".join(parts)
 
 
-def cell_text(value: object):  # noqa: ANN201
-    """Device-sent text as a rich Text: no markup, control characters escaped, "—" for not known."""
-    from rich.text import Text
-
+def plain(value: object) -> str:
+    """Device-sent text for a table: control characters escaped, "—" for not known."""
     from edgesdk.cli.fleet_cmd import safe_text
     from edgesdk.fleet.records import NO_VALUE
 
-    return Text(NO_VALUE if value is None or value == "" else safe_text(value))
+    return NO_VALUE if value is None or value == "" else safe_text(value)
+
+
+def cell_text(value: object):  # noqa: ANN201
+    """Device-sent text as a rich Text (no markup): `plain` in a Text."""
+    from rich.text import Text
+
+    return Text(plain(value))
 
 
 @app.command("show")
