@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark the fleet side on one machine: one Mosquitto, one `edgesdk serve`, one simulator.
 
-1. ingest: how fast the collector stores telemetry windows. A burst of pre-built windows (from
-   many device ids) is published at full speed while `serve` collects into the store; the figure is
-   windows stored per second from the first to the last commit, against the raw rate the same
-   publisher reaches with nobody storing (the broker's fan-out alone, measured in the same run).
-   SQLite, then PostgreSQL when its server binaries are here.
+1. ingest: how fast the collector stores telemetry windows. Half of a burst of pre-built windows
+   (from many device ids) is published at full speed while `serve` collects (*live*: windows
+   committed per second, against the raw rate the same publisher reaches with nobody storing,
+   measured in the same run); the other half is queued by the broker for the collector's
+   persistent session while `serve` is stopped, then collected with nothing else running
+   (*drain*). SQLite, then PostgreSQL when its server binaries are here.
 2. fleet: `--devices` simulated devices (`edgesdk sim`, one process, one event loop) connect and
    report every `--interval` s; `serve` is SIGKILLed mid-run and restarted with the same store and
    collector id. Windows sent (the simulator's count of PUBACKed windows) must equal windows
@@ -167,27 +168,44 @@ def publish_burst(broker_url: str, items: list[tuple[str, TelemetryWindow]], cli
 
 
 def bench_ingest(work: Path, stores: dict[str, str], n: int) -> list[dict[str, Any]]:
+    """Two figures per store: *live* (the publisher and the collector at once, so the publisher's own
+    pace bounds it) and *drain* (the windows queued by the broker for the collector's persistent
+    session while `serve` was stopped, then collected with nothing else running: its capacity)."""
     items = make_windows(n, devices=min(5000, n))
+    half = n // 2
     rows = []
     for backend, url in stores.items():
         with Mosquitto(work / f"mq-ingest-{backend}") as mq:
-            raw_s = publish_burst(mq.url, items)  # nobody subscribed: the broker's and publisher's pace
+            raw_s = publish_burst(mq.url, items[:half])  # nobody subscribed: the broker's and publisher's pace
             serve = Serve(mq.url, url, work / f"serve-ingest-{backend}").start()
             try:
                 with FleetStore.open(url) as store:
                     before = store.window_count(FLEET)
-                pub_s = publish_burst(mq.url, items)
-                count, trace = wait_count(url, before + n, timeout_s=max(120, n / 200))
+                publish_burst(mq.url, items[:half])
+                live_count, live_trace = wait_count(url, before + half, timeout_s=max(120, n / 200))
             finally:
                 serve.stop()
-        stored = count - before
-        first = next((t for t, c in trace if c > before), trace[0][0])
-        last = next((t for t, c in trace if c >= before + n), trace[-1][0])
-        rate = stored / max(last - first, 1e-9)
-        rows.append({"backend": backend, "windows": n, "stored": stored, "raw_publish_per_s": n / raw_s,
-                     "publish_per_s": n / pub_s, "ingest_per_s": rate, "ratio_to_raw": rate / (n / raw_s),
-                     "goal_met": rate >= 5000 and stored == n})
+            publish_burst(mq.url, items[half:])  # queued for the collector's session while serve is down
+            serve.start()
+            try:
+                drain_count, drain_trace = wait_count(url, before + n, timeout_s=max(120, n / 200))
+            finally:
+                serve.stop()
+        live = _rate(live_trace, before, before + half)
+        drain = _rate(drain_trace, before + half, before + n)
+        stored = drain_count - before
+        rows.append({"backend": backend, "windows": n, "stored": stored, "raw_publish_per_s": half / raw_s,
+                     "live_per_s": live, "drain_per_s": drain, "ratio_to_raw": live / (half / raw_s),
+                     "goal_met": drain >= 5000 and stored == n})
     return rows
+
+
+def _rate(trace: list[tuple[float, int]], start: int, end: int) -> float:
+    """Windows per second from the first commit past ``start`` to the poll that saw ``end``."""
+    first = next((t for t, c in trace if c > start), trace[0][0])
+    last = next((t for t, c in trace if c >= end), trace[-1][0])
+    done = min(trace[-1][1], end) - start
+    return done / max(last - first, 1e-9)
 
 
 def bench_fleet(work: Path, store_url: str, devices: int, interval: float, duration: float) -> dict[str, Any]:
@@ -311,10 +329,13 @@ def main() -> None:
                 stores["postgresql"] = pg_url
             rows = bench_ingest(work, stores, args.ingest_windows)
             results["ingest"] = rows
-            print_table("collector ingest (windows/s; raw = the same publisher with nobody storing)",
-                        ["store", "windows", "stored", "raw publish/s", "ingest/s", "× raw", "≥ 5000/s, none lost"],
+            print_table("collector ingest (windows/s; live = while publishing, drain = queued windows "
+                        "collected with nothing else running; raw = the publisher alone)",
+                        ["store", "windows", "stored", "raw publish/s", "live/s", "× raw", "drain/s",
+                         "drain ≥ 5000/s, none lost"],
                         [[r["backend"], r["windows"], r["stored"], fmt(r["raw_publish_per_s"], 0),
-                          fmt(r["ingest_per_s"], 0), fmt(r["ratio_to_raw"], 2), verdict(r["goal_met"])] for r in rows])
+                          fmt(r["live_per_s"], 0), fmt(r["ratio_to_raw"], 2), fmt(r["drain_per_s"], 0),
+                          verdict(r["goal_met"])] for r in rows])
         if "fleet" in only:
             fleet = bench_fleet(work, str(work / "fleet.db"), args.devices, args.interval, args.duration)
             results["fleet"] = fleet
