@@ -57,7 +57,7 @@ cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rm -rf "$WORK/broker" "$WORK/device" "$WORK/repo" "$WORK/agent"
+rm -rf "$WORK/broker" "$WORK/device" "$WORK/repo" "$WORK/agent" "$EDGESDK_HOME"/fleet.db* "$EDGESDK_HOME/collectors"
 "$EDGESDK" broker config --out "$WORK/broker" --port "$PORT" --host localhost --bind 127.0.0.1
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 "$MOSQUITTO" -c "$WORK/broker/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 & MOSQ_PID=$!; PIDS+=($MOSQ_PID)

@@ -67,10 +67,15 @@ def releases_table(releases):  # noqa: ANN001, ANN201 - ReleaseRecords -> rich T
     for column in ("RELEASE", "TARGET", "VARIANT", "COSINE", "TOP-1", "TASK"):
         table.add_column(column, no_wrap=column in ("RELEASE", "TARGET", "VARIANT"),
                          justify="right" if column in ("COSINE", "TOP-1", "TASK") else "left")
+    seen: dict[tuple[str, str], int] = {}
+    for r in releases:
+        seen[(r.release, r.target)] = seen.get((r.release, r.target), 0) + 1
     for r in releases:
         variants = sorted(r.metrics.items()) or [("—", {})]
-        # The release and target on its first row, its size under them (on the second row).
-        heads = [(Text(safe_text(r.release)), Text(safe_text(r.target))), (Text(f"  {_size(r.size)}", style="dim"), "")]
+        # The release and target on its first row, its size under them (on the second row); the
+        # package id too when two packages were published as the same release for one target.
+        size = _size(r.size) + (f" {r.package_id[:12]}" if seen[(r.release, r.target)] > 1 else "")
+        heads = [(Text(safe_text(r.release)), Text(safe_text(r.target))), (Text(f"  {size}", style="dim"), "")]
         for index, (vid, metrics) in enumerate(variants):
             summary = variant_summary(metrics)
             release, target = heads[index] if index < len(heads) else ("", "")

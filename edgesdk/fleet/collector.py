@@ -7,7 +7,7 @@ One MQTT 5 client with a persistent session (``clean_start=False``, a 7-day sess
 stable client id), QoS 1 subscriptions and manual acknowledgements: a message is acknowledged only
 once the batch holding it is committed, so a collector killed between receiving and committing
 gets it again from the broker when it comes back, and windows devices send while it is down wait
-in its session. Windows are upserted on (fleet, device, seq), so a redelivered or twice-collected
+in its session. Windows are upserted on (fleet, device, seq, window start), so a redelivered or twice-collected
 window is stored once.
 
 Telemetry and events are read through a shared subscription (``$share/{group}-collector/...``):

@@ -390,8 +390,9 @@ class FleetStore:
     # -- telemetry -------------------------------------------------------------------------------
     def add_windows(self, items: Iterable[tuple[str, str, TelemetryWindow]]) -> int:
         """Store (fleet, device_id, window)s and fold them into the rollup, in one transaction.
-        A window already stored (same fleet, device, seq) is skipped, so redelivery never counts
-        twice. Returns how many were new. Windows with numbers no device can mean (past 64 bits)
+        A window already stored (same fleet, device, seq and start) is skipped, so redelivery never
+        counts twice; a device whose agent was reinstalled starts its seq at 0 again, and its new
+        windows (other start times) are stored. Returns how many were new. Windows with numbers no device can mean (past 64 bits)
         are dropped; a histogram of another scheme is dropped from its window (calls still count)."""
         received = time.time()
         rows: dict[tuple[str, str, int], WindowRow] = {}

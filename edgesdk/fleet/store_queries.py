@@ -70,7 +70,7 @@ def release_key(model: str, package_id: str, known: Mapping[str, str]) -> str:
 class WindowRow:
     """One telemetry window, checked and ready for the windows table and the rollup."""
 
-    key: tuple[str, str, int]  # fleet, device_id, seq
+    key: tuple[str, str, int, float]  # fleet, device_id, seq, window_start: what makes a window one window
     values: tuple  # the telemetry_windows row (`INSERT_WINDOW`)
     series: tuple[str, str, str, str, str, str]  # fleet, device_id, model, package_id, variant, provider ('' unknown)
     bucket: int  # the 5-minute bucket of window_end
@@ -103,7 +103,7 @@ def window_row(fleet: str, device_id: str, window: TelemetryWindow, received_at:
     values = (fleet, device_id, w.seq, w.window_start, w.window_end, w.count, w.errors, w.p50_ms, w.p95_ms,
               w.p99_ms, w.max_ms, model, package_id, variant, provider, w.cpu_percent, w.rss_mb,
               w.dropped_windows, blob, received_at)
-    return WindowRow((fleet, device_id, w.seq), values,
+    return WindowRow((fleet, device_id, w.seq, w.window_start), values,
                      (fleet, device_id, model or "", package_id or "", variant or "", provider or ""),
                      math.floor(w.window_end / ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S, w.count, w.errors, hist)
 
@@ -372,7 +372,8 @@ def store_windows(tx: Transaction, rows: dict[tuple[str, str, int], WindowRow],
     """
     ordered = sorted(rows.values(), key=lambda r: r.key)
     inserted = {tuple(k) for k in tx.insert_returning(
-        f"{INSERT_WINDOW} ON CONFLICT (fleet, device_id, seq) DO NOTHING RETURNING fleet, device_id, seq",
+        f"{INSERT_WINDOW} ON CONFLICT (fleet, device_id, seq, window_start) DO NOTHING "
+        "RETURNING fleet, device_id, seq, window_start",
         [r.values for r in ordered])}
     new = [r for r in ordered if r.key in inserted]
     if not new:

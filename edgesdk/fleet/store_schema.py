@@ -331,7 +331,9 @@ CREATE TABLE telemetry_windows (
     dropped_windows {bigint} NOT NULL DEFAULT 0,
     histogram {blob},
     received_at {real} NOT NULL,
-    PRIMARY KEY (fleet, device_id, seq)
+    -- seq and the window's start: a redelivered window (same both) is stored once, and a device
+    -- whose agent was reinstalled (seq from 0 again) is not mistaken for a redelivery.
+    PRIMARY KEY (fleet, device_id, seq, window_start)
 );
 CREATE TABLE telemetry_series (
     id {id},

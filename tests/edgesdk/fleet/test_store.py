@@ -281,6 +281,18 @@ def test_a_redelivered_window_is_stored_once(store: FleetStore, store_location: 
     assert (stats.windows, stats.count) == (12, sum(w.count for w in windows) + windows[0].count + windows[1].count)
 
 
+def test_a_reinstalled_agent_reusing_seqs_is_not_taken_for_a_redelivery(store: FleetStore) -> None:
+    """A device whose data dir was wiped starts its seq at 0 again: windows with an old seq but
+    another start time are new windows, stored; the same window again is still stored once."""
+    rng = random.Random(2)
+    first = [window(seq, T0 + 60 * seq, latencies(rng, 5.0, 20))[0] for seq in range(3)]
+    after_reinstall = [window(seq, T0 + 86_400 + 60 * seq, latencies(rng, 5.0, 20))[0] for seq in range(3)]
+    assert store.add_windows((FLEET, "d1", w) for w in first) == 3
+    assert store.add_windows((FLEET, "d1", w) for w in after_reinstall) == 3
+    assert store.add_windows((FLEET, "d1", w) for w in first + after_reinstall) == 0
+    assert store.window_count(FLEET) == 6
+
+
 GROUPINGS = {
     "release": lambda d, w: {PKG_A: "det@1.0", PKG_B: "det@2.0"}.get(w.package_id, f"det@sha256:{PKG_X[:12]}"),
     "device": lambda d, w: d,
