@@ -180,6 +180,15 @@ print("active now:", ", ".join(m["release"] for m in client.models()))
 PY
 
 step "fleet review: the registry, the releases and a telemetry report from the fleet store"
+# The pipeline's calls reach the store with the agent's next telemetry windows (every 5 s here):
+# wait (bounded) until the collector has stored them.
+for _ in $(seq 60); do
+  "$EDGESDK" telemetry report --fleet demo --since 1h --format json 2>/dev/null | "$PY" -c '
+import json, sys
+groups = {g["key"]: g["count"] for g in json.load(sys.stdin)["groups"]}
+sys.exit(0 if groups.get("digit-reader@1.0.0", 0) >= 300 else 1)' && break
+  sleep 0.5
+done
 "$EDGESDK" devices list --fleet demo
 "$EDGESDK" releases list
 "$EDGESDK" telemetry report --fleet demo --since 1h --by release
