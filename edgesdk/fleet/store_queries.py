@@ -128,6 +128,15 @@ def rollup_pieces(since: float | None, until: float | None, step_s: int | None) 
     return [p for p in pieces if p[1] < p[2]]
 
 
+def label_filters(alias: str, select: Mapping[str, str] | None, where: list[str], params: list[Any]) -> None:
+    """Add one clause per ``key=value`` of ``select`` (all must hold) on the device that table
+    ``alias`` (with ``fleet`` and ``device_id`` columns) names."""
+    for key, value in sorted((select or {}).items()):
+        where.append(f"EXISTS (SELECT 1 FROM device_labels l WHERE l.fleet = {alias}.fleet AND "
+                     f"l.device_id = {alias}.device_id AND l.key = ? AND l.value = ?)")
+        params.extend((key, value))
+
+
 def series_filter(fleet: str | None, select: Mapping[str, str] | None,
                   device_ids: Iterable[str] | None) -> tuple[str, list[Any]]:
     """A WHERE clause on ``telemetry_series s``: releases only (no heartbeats), then the filters."""
@@ -135,10 +144,7 @@ def series_filter(fleet: str | None, select: Mapping[str, str] | None,
     if fleet is not None:
         where.append("s.fleet = ?")
         params.append(fleet)
-    for key, value in sorted((select or {}).items()):
-        where.append("EXISTS (SELECT 1 FROM device_labels l WHERE l.fleet = s.fleet AND l.device_id = s.device_id "
-                     "AND l.key = ? AND l.value = ?)")
-        params.extend((key, value))
+    label_filters("s", select, where, params)
     if device_ids is not None:
         wanted = sorted(set(device_ids))
         where.append(f"s.device_id IN ({', '.join('?' * len(wanted))})" if wanted else "1 = 0")
@@ -306,10 +312,7 @@ def device_filter(fleet: str | None, device_id: str | None,
     if device_id is not None:
         where.append("d.device_id = ?")
         params.append(device_id)
-    for key, value in sorted((select or {}).items()):
-        where.append("EXISTS (SELECT 1 FROM device_labels l WHERE l.fleet = d.fleet AND l.device_id = d.device_id "
-                     "AND l.key = ? AND l.value = ?)")
-        params.extend((key, value))
+    label_filters("d", select, where, params)
     return " AND ".join(where), params
 
 
