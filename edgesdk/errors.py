@@ -132,6 +132,15 @@ _OS_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", e
                errno.ENETUNREACH: "network unreachable", errno.ETIMEDOUT: "timed out"}
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line, at most ``limit`` characters (its type's name when it
+    has no text): what a one-line error message or log line quotes."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
+
+
 def describe_os_error(exc: OSError) -> str:
     """A short reason for an OSError: 'disk full' for ENOSPC, else its strerror."""
     return _OS_REASONS.get(exc.errno or 0) or exc.strerror or type(exc).__name__

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgesdk.errors import ConfigError, TrustError
+from edgesdk.errors import ConfigError, TrustError, first_line
 
 ROLE_OF = {"root": "root", "release": "targets", "fleet": "timestamp"}
 DEFAULT_ROOT_LIFETIME_DAYS = 365
@@ -72,7 +72,9 @@ class TrustRoot:
             raise TrustError(f"{where}: not a TUF root document (nested too deeply)") from None
         except Exception as exc:  # python-tuf raises DeserializationError, ValueError, KeyError, ...
             # DeserializationError says only "Failed to deserialize JSON"; its cause says why.
-            why = _line(exc) if exc.__cause__ is None else f"{_line(exc)}: {_line(exc.__cause__)}"
+            why = first_line(exc, 200)
+            if exc.__cause__ is not None:
+                why += f": {first_line(exc.__cause__, 200)}"
             raise TrustError(f"{where}: not a TUF root document ({why})") from None
         if not isinstance(md.signed, Root):
             raise TrustError(f"{where}: a {md.signed.type} document, not a root")
@@ -131,7 +133,7 @@ class TrustRoot:
                 "root", self.metadata.signed_bytes, self.metadata.signatures)  # type: ignore[attr-defined]
         except Exception as exc:  # UnsignedMetadataError, or a signature that cannot be read
             raise TrustError(f"{where}: root version {self.version} is not signed by the threshold of root "
-                             f"version {signer.version}'s keys ({_line(exc)})") from None
+                             f"version {signer.version}'s keys ({first_line(exc, 200)})") from None
 
     def next(self, raw: bytes, where: str = "trust root update") -> TrustRoot:
         """The following root, accepted only by TUF's rules: version + 1, signed by our threshold
@@ -236,6 +238,3 @@ def parse_root_chain(payload: bytes, where: str = "trust/root") -> list[bytes]:
     return [r.encode("utf-8", errors="surrogatepass") for r in data["roots"]]
 
 
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__

@@ -1,5 +1,5 @@
-"""`edgesdk deploy`, `edgesdk rollback` and `edgesdk undeploy`: signed deployment statements to
-devices, one retained statement per device and model name."""
+"""`edgesdk deploy` and `edgesdk undeploy` (and `rollback --immediate`): signed deployment statements
+to devices, one retained statement per device and model name."""
 
 from __future__ import annotations
 
@@ -115,32 +115,15 @@ def deploy(
     alone. A device refuses a lower version of a package it runs: use `edgesdk rollback` for that.
     Device ids the fleet store does not know are refused (--allow-unknown sends anyway).
     """
-    _send(package, device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
-          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False,
-          store=store, allow_unknown=allow_unknown)
+    send_statements(package, device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
+                    broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=False,
+                    store=store, allow_unknown=allow_unknown)
 
 
-@handle_errors
-def rollback(
-    name: str = typer.Argument(..., help="The package name to roll back."),
-    to: str = typer.Option(..., "--to", help="The version to go back to (must be published in --repo)."),
-    device: list[str] = S["device"], fleet: str = S["fleet"], repo: Path = S["repo"], target: str = S["target"],
-    rollout_id: str = S["rollout_id"], fleet_key: Path = fleet_key_option(),
-    release_key_as_fleet_key: bool = S["release_key_as_fleet_key"],
-    allow_unknown: bool = S["allow_unknown"], store: str = S["store"],
-    broker: str = B["broker"], ca: Path = B["ca"], cert: Path = B["cert"], client_key: Path = B["client_key"],
-    username: str = B["username"], password: str = B["password"], password_file: Path = B["password_file"],
-) -> None:
-    """Put devices back on an earlier version: a signed rollback statement (a lower version is
-    refused by devices unless the statement says it is a rollback)."""
-    _send(f"{name}@{to}", device, fleet, repo, target, rollout_id, fleet_key, release_key_as_fleet_key,
-          broker_config(broker, ca, cert, client_key, username, password, password_file), rollback=True,
-          store=store, allow_unknown=allow_unknown)
-
-
-def _send(ref: str, devices: list[str], fleet: str, repo: Path, target: str | None, rollout_id: str | None,
-          fleet_key_path: Path | None, allow_release_key: bool, config, rollback: bool,
-          store: str | None, allow_unknown: bool) -> None:
+def send_statements(ref: str, devices: list[str], fleet: str, repo: Path, target: str | None,
+                    rollout_id: str | None, fleet_key_path: Path | None, allow_release_key: bool, config,
+                    rollback: bool, store: str | None, allow_unknown: bool) -> None:
+    """Sign and publish a deploy (or rollback) statement for each device at once (no rollout)."""
     from edgesdk import protocol
     from edgesdk.fleet.deploy import check_fleet_key, deploy as deploy_to
 
@@ -210,5 +193,4 @@ def _utc(ts: float) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy)
-    app.command("rollback")(rollback)
     app.command("undeploy")(undeploy)

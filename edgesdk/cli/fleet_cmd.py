@@ -44,19 +44,23 @@ def serve(
     collector_shared: bool = typer.Option(True, "--collector-shared/--collector-unshared",
                                           help="Split telemetry and events among the serve processes (shared "
                                           "subscription), or have each store everything (stored once anyway)."),
+    rollouts: bool = typer.Option(True, "--rollouts/--no-rollouts", help="Run the rollout controller (needs "
+                                  "--fleet-key and the collector): it drives the rollouts `edgesdk rollout start` "
+                                  "stores, one serve holding each rollout's lease."),
     verbose: bool = typer.Option(False, "--verbose", help=f"Print the collector line every "
                                  f"{VERBOSE_STATS_EVERY_S:g} s instead of every {STATS_EVERY_S:g} s."),
     broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
     username: str = _B["username"], password: str = _B["password"], password_file: Path = _B["password_file"],
 ) -> None:
-    """Run the fleet service until SIGTERM/SIGINT: the package repository, the collector, and
-    statement renewal.
+    """Run the fleet service until SIGTERM/SIGINT: the package repository, the collector, the
+    rollout controller and statement renewal.
 
     Answers devices' block requests from the files in --repo, and stores what devices report
     (state, desired statements, install events, telemetry windows) in the fleet store. Several
     `serve` processes can run at once: they share the block requests and the telemetry through
     MQTT 5 shared subscriptions. With --fleet-key it also re-signs each live deployment statement
-    when a third of its lifetime is left.
+    when a third of its lifetime is left, and runs the staged rollouts stored in the fleet store
+    (docs/rollouts.md).
     """
     from edgesdk.fleet.repository import RepositoryServer, list_packages
     from edgesdk.signing import load_private_key
@@ -68,7 +72,7 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    fleet_store = collector = renewer = server = claimed = None
+    fleet_store = collector = renewer = server = claimed = controller = None
     try:
         if not no_collector:
             from edgesdk.fleet.collector import Collector, claim_client_id
@@ -89,15 +93,22 @@ def serve(
 
             renewer = StatementRenewer(config, fleet, key, check_every_s=renew_every)
             renewer.start()
+        if key is not None and fleet_store is not None and rollouts:
+            from edgesdk.fleet.rollout_controller import RolloutController
+
+            controller = RolloutController(config, fleet, fleet_store, repo, key, owner=collector_id)
+            controller.start()
         collecting = (f"collector {collector.client_id} into {fleet_store.url}" if collector is not None
                       else "collector off (--no-collector)")
+        steering = "rollouts on" if controller else ("rollouts off" if key is None or fleet_store is None
+                                                     else "rollouts off (--no-rollouts)")
         console.print(f"serving {len(list_packages(repo))} package(s) from {repo} on {config.url} (fleet {fleet}); "
-                      f"{collecting}; statement renewal {'on' if renewer else 'off (no --fleet-key)'}",
+                      f"{collecting}; statement renewal {'on' if renewer else 'off (no --fleet-key)'}; {steering}",
                       markup=False)
         _run_until(stop, collector, VERBOSE_STATS_EVERY_S if verbose else STATS_EVERY_S)
     finally:
         # Collector first: it commits and acknowledges what it received before it disconnects.
-        for part in (collector, renewer, server):
+        for part in (controller, collector, renewer, server):
             if part is not None:
                 part.stop()
         if fleet_store is not None:

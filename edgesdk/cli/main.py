@@ -6,7 +6,7 @@ import typer
 
 from edgesdk import __version__
 from edgesdk.cli import (broker_cmd, deploy_cmd, devices_cmd, fleet_cmd, inspect_cmd, keys, package_cmd, releases_cmd,
-                         report_cmd, sim_cmd, targets, trust_cmd)
+                         report_cmd, rollout_cmd, sim_cmd, targets, trust_cmd)
 
 app = typer.Typer(
     name="edgesdk",
@@ -28,6 +28,7 @@ app.command("package")(package_cmd.package)
 fleet_cmd.register(app)
 deploy_cmd.register(app)
 sim_cmd.register(app)
+rollout_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)

@@ -45,7 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgesdk import protocol
 from edgesdk.broker import BrokerConfig, connect_blocking, disconnect, make_client
-from edgesdk.errors import BrokerError, FleetError, ProtocolError, map_os_errors
+from edgesdk.errors import BrokerError, FleetError, ProtocolError, first_line, map_os_errors
 from edgesdk.protocol import DeploymentStatement, DeviceState, InstallEvent, SignedStatement, TelemetryWindow
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class Collector:
             self._commit(batch)
         except Exception as exc:  # noqa: BLE001 - the store's errors, and anything a row could cause
             self._count(store_errors=1)
-            log.warning("collector: store write failed (%s); retrying message by message", _first_line(exc))
+            log.warning("collector: store write failed (%s); retrying message by message", first_line(exc, 200))
             while not self._commit_one_by_one(batch):
                 if stopping or self._stopped.wait(delay):
                     return False
@@ -450,12 +450,12 @@ class Collector:
             batch[index] = replace(item, kind="drop", seen_at=None)
         if failed and not stored_any:
             self._count(store_errors=1)
-            log.warning("collector: store unavailable, retrying: %s", _first_line(failed[0][1]))
+            log.warning("collector: store unavailable, retrying: %s", first_line(failed[0][1]))
             return False
         for index, exc in failed:
             item = batch[index]
             log.warning("collector: dropped a message from %s that the store refused: %s", item.device or "?",
-                        _first_line(exc))
+                        first_line(exc, 200))
             batch[index] = replace(item, kind="drop", seen_at=None)
         self._count(malformed=len(failed))
         return True
@@ -509,7 +509,4 @@ def _check_ints(topic: str, **values: int) -> None:
             raise ProtocolError(f"{topic}: field '{name}' is out of range")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgesdk.errors import FleetError, map_os_errors
+from edgesdk.errors import FleetError, first_line, map_os_errors
 from edgesdk.fleet.records import (DesiredRecord, DeviceRecord, EventRecord, GroupStats, ModelRecord, ReleaseRecord,
                                    release_name)
 from edgesdk.fleet.store_queries import (DESIRED_COLUMNS, MAX_TIME, RELEASE_COLUMNS, UPSERT_DEVICE, Aggregate,
@@ -36,7 +36,7 @@ from edgesdk.fleet.store_queries import (DESIRED_COLUMNS, MAX_TIME, RELEASE_COLU
                                          device_slots, device_status, from_json, key_function, label_values,
                                          release_names, release_order, release_record, rollup_pieces,
                                          series_filter, series_step, store_windows, to_json, window_row)
-from edgesdk.fleet.store_schema import (ROLLUP_HOUR_S, PostgresBackend, SQLiteBackend, Transaction, first_line,
+from edgesdk.fleet.store_schema import (ROLLUP_HOUR_S, PostgresBackend, SQLiteBackend, Transaction,
                                         migrate, redact_url)
 from edgesdk.protocol.histogram import LatencyHistogram
 from edgesdk.protocol.messages import DeviceState, InstallEvent, InstallEventKind, TelemetryWindow
@@ -154,6 +154,11 @@ class FleetStore:
             self._conns = [(r, c) for r, c in self._conns if c is not conn]
         with contextlib.suppress(Exception):
             conn.close()
+
+    def transact(self, fn: Callable[[Transaction], _T], *, write: bool = False) -> _T:
+        """``fn(tx)`` in one transaction of this store (for the modules that keep their own tables
+        in it, e.g. `edgesdk.fleet.rollouts`); errors as FleetError."""
+        return self._run(fn, write=write)
 
     def _run(self, fn: Callable[[Transaction], _T], *, write: bool = False, locks: Collection[str] = ()) -> _T:
         """``fn`` in one transaction (rerun on a PostgreSQL deadlock); errors as FleetError."""

@@ -23,6 +23,7 @@ from edgesdk.fleet.store_schema import (ROLLUP_BUCKET_S, ROLLUP_HOUR_S, Histogra
                                         decode_histogram, encode_histogram)
 from edgesdk.protocol.histogram import IncompatibleHistogramError, LatencyHistogram, histogram_of
 from edgesdk.protocol.messages import TelemetryWindow
+from edgesdk.protocol.outputs import MAX_OUTPUTS_PER_WINDOW, OutputSummary, parse_window_outputs
 from edgesdk.protocol.statements import compare_versions
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class WindowRow:
     count: int
     errors: int
     hist: LatencyHistogram | None
+    outputs: dict[str, OutputSummary] | None = None  # what the model answered (the drift gate's data)
 
 
 def window_row(fleet: str, device_id: str, window: TelemetryWindow, received_at: float) -> WindowRow | None:
@@ -103,9 +105,11 @@ def window_row(fleet: str, device_id: str, window: TelemetryWindow, received_at:
     values = (fleet, device_id, w.seq, w.window_start, w.window_end, w.count, w.errors, w.p50_ms, w.p95_ms,
               w.p99_ms, w.max_ms, model, package_id, variant, provider, w.cpu_percent, w.rss_mb,
               w.dropped_windows, blob, received_at)
+    outputs = parse_window_outputs(w.extra, f"telemetry {device_id} seq {w.seq}") if "outputs" in w.extra else None
     return WindowRow((fleet, device_id, w.seq, w.window_start), values,
                      (fleet, device_id, model or "", package_id or "", variant or "", provider or ""),
-                     math.floor(w.window_end / ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S, w.count, w.errors, hist)
+                     math.floor(w.window_end / ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S, w.count, w.errors, hist,
+                     outputs or None)
 
 
 # -- reading the rollup ---------------------------------------------------------------------------
@@ -249,12 +253,22 @@ def series_step(bucket_s: float) -> int:
     return max(1, math.ceil(bucket_s / ROLLUP_BUCKET_S - 1e-9)) * ROLLUP_BUCKET_S
 
 
-def merge_rollup(old: tuple[int, int, int, bytes | None] | None, windows: int, count: int, errors: int,
-                 hist: LatencyHistogram | None) -> tuple[int, int, int, bytes | None]:
-    """A rollup row's (windows, count, errors, histogram bytes) after adding new windows to ``old``."""
+def merge_rollup(old: tuple[int, int, int, bytes | None, str | None] | None, windows: int, count: int, errors: int,
+                 hist: LatencyHistogram | None,
+                 outputs: dict[str, OutputSummary] | None = None) -> tuple[int, int, int, bytes | None, str | None]:
+    """A rollup row's (windows, count, errors, histogram bytes, output summaries as JSON) after
+    adding new windows to ``old``."""
     if old is None:
-        return windows, count, errors, encode_histogram(hist) if hist is not None and hist.count else None
-    o_windows, o_count, o_errors, o_blob = old
+        return (windows, count, errors, encode_histogram(hist) if hist is not None and hist.count else None,
+                _outputs_json(outputs))
+    o_windows, o_count, o_errors, o_blob, o_outputs = old
+    if outputs:
+        if o_outputs:
+            stored = parse_window_outputs({"outputs": from_json(o_outputs, {})}, "stored rollup outputs")
+            outputs = _merged_outputs(stored, outputs)
+        new_outputs = _outputs_json(outputs)
+    else:
+        new_outputs = o_outputs
     if hist is not None and hist.count:
         if o_blob is not None:
             merged = decode_histogram(o_blob)
@@ -263,7 +277,26 @@ def merge_rollup(old: tuple[int, int, int, bytes | None] | None, windows: int, c
         blob = encode_histogram(hist)
     else:
         blob = o_blob
-    return o_windows + windows, o_count + count, o_errors + errors, blob
+    return o_windows + windows, o_count + count, o_errors + errors, blob, new_outputs
+
+
+def _merged_outputs(into: dict[str, OutputSummary] | None,
+                    more: dict[str, OutputSummary] | None) -> dict[str, OutputSummary] | None:
+    """``into`` with ``more`` merged in (``into`` is changed; ``more`` never is)."""
+    if not more:
+        return into
+    if into is None:
+        return {name: s.copy() for name, s in more.items()}
+    for name, summary in more.items():
+        if name in into:
+            into[name].merge(summary)
+        elif len(into) < MAX_OUTPUTS_PER_WINDOW:
+            into[name] = summary.copy()
+    return into
+
+
+def _outputs_json(outputs: dict[str, OutputSummary] | None) -> str | None:
+    return to_json({name: s.to_dict() for name, s in sorted(outputs.items())}) if outputs else None
 
 
 def to_json(value: Any) -> str:
@@ -297,9 +330,9 @@ INSERT_WINDOW = (
     "p99_ms, max_ms, model, package_id, variant, provider, cpu_percent, rss_mb, dropped_windows, histogram, "
     f"received_at) VALUES ({', '.join('?' * 20)})")
 UPSERT_ROLLUP = (
-    "INSERT INTO telemetry_rollup (span, bucket_start, series_id, windows, count, errors, histogram) VALUES "
-    "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (span, bucket_start, series_id) DO UPDATE SET windows = excluded.windows, "
-    "count = excluded.count, errors = excluded.errors, histogram = excluded.histogram")
+    "INSERT INTO telemetry_rollup (span, bucket_start, series_id, windows, count, errors, histogram, outputs) VALUES "
+    "(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (span, bucket_start, series_id) DO UPDATE SET windows = excluded.windows, "
+    "count = excluded.count, errors = excluded.errors, histogram = excluded.histogram, outputs = excluded.outputs")
 
 
 def device_filter(fleet: str | None, device_id: str | None,
@@ -390,7 +423,8 @@ def store_windows(tx: Transaction, rows: dict[tuple[str, str, int], WindowRow],
         key = (ROLLUP_BUCKET_S, r.bucket, ids[r.series])
         acc = added.get(key)
         if acc is None:
-            added[key] = [1, r.count, r.errors, r.hist]  # r.hist is this window's own: merged into in place
+            # r.hist and r.outputs are this window's own: merged into in place
+            added[key] = [1, r.count, r.errors, r.hist, r.outputs]
             continue
         acc[0] += 1
         acc[1] += r.count
@@ -400,11 +434,13 @@ def store_windows(tx: Transaction, rows: dict[tuple[str, str, int], WindowRow],
                 acc[3] = r.hist
             else:
                 acc[3].merge(r.hist)
-    for (_, bucket, sid), (windows, count, errors, hist) in list(added.items()):
+        acc[4] = _merged_outputs(acc[4], r.outputs)
+    for (_, bucket, sid), (windows, count, errors, hist, outputs) in list(added.items()):
         key = (ROLLUP_HOUR_S, bucket - bucket % ROLLUP_HOUR_S, sid)
         acc = added.get(key)
         if acc is None:
-            added[key] = [windows, count, errors, None if hist is None else hist.copy()]
+            added[key] = [windows, count, errors, None if hist is None else hist.copy(),
+                          _merged_outputs(None, outputs)]
             continue
         acc[0] += windows
         acc[1] += count
@@ -414,18 +450,19 @@ def store_windows(tx: Transaction, rows: dict[tuple[str, str, int], WindowRow],
                 acc[3] = hist.copy()
             else:
                 acc[3].merge(hist)
+        acc[4] = _merged_outputs(acc[4], outputs)
     keys = sorted(added)
     low, high = min(k[1] for k in keys), max(k[1] for k in keys)
-    old: dict[tuple[int, int, int], tuple[int, int, int, bytes | None]] = {}
+    old: dict[tuple[int, int, int], tuple[int, int, int, bytes | None, str | None]] = {}
     for part in chunks(keys, KEYS_PER_QUERY):
         marks = ", ".join(["(?, ?, ?)"] * len(part))
         # The bucket range bounds the read whatever plan the database picks for the join.
-        for span, bucket, sid, windows, count, errors, blob in tx.query(
-                "SELECT r.span, r.bucket_start, r.series_id, r.windows, r.count, r.errors, r.histogram FROM "
+        for span, bucket, sid, windows, count, errors, blob, outputs in tx.query(
+                "SELECT r.span, r.bucket_start, r.series_id, r.windows, r.count, r.errors, r.histogram, r.outputs FROM "
                 f"telemetry_rollup r JOIN (VALUES {marks}) AS k ON r.span = k.column1 AND r.bucket_start = "
                 "k.column2 AND r.series_id = k.column3 WHERE r.bucket_start BETWEEN ? AND ?",
                 [*(v for key in part for v in key), low, high]):
-            old[(span, bucket, sid)] = (windows, count, errors, None if blob is None else bytes(blob))
+            old[(span, bucket, sid)] = (windows, count, errors, None if blob is None else bytes(blob), outputs)
     tx.executemany(UPSERT_ROLLUP, [(*key, *merge_rollup(old.get(key), *added[key])) for key in keys])
     return len(new), learned
 

@@ -77,11 +77,6 @@ POSTGRESQL = Dialect("postgresql", "%s", {
 
 
 # -- connections and transactions --------------------------------------------------------------
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 class Transaction:
     """One transaction on this thread's connection; statements are written with ``?`` marks."""
 
@@ -358,8 +353,81 @@ CREATE TABLE telemetry_rollup (
 CREATE INDEX telemetry_rollup_by_series ON telemetry_rollup (series_id, span, bucket_start);
 """
 
+# v2: staged rollouts (DESIGN §8, docs/rollouts.md) and the output summaries in the rollup (the
+# drift gate's data). A rollout row is the controller's whole state: which wave, which phase since
+# when, and who holds its lease; each device's row keeps the signed statement it was sent (a
+# controller that restarts re-publishes those exact bytes, so no device is deployed twice).
+_V2 = """
+ALTER TABLE telemetry_rollup ADD COLUMN outputs TEXT;
+CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    wave INTEGER NOT NULL DEFAULT 0,
+    waves INTEGER NOT NULL,
+    phase_at {real},
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    finished_at {real},
+    paused INTEGER NOT NULL DEFAULT 0,
+    abort_requested INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    lease_owner TEXT,
+    lease_until {real}
+);
+CREATE INDEX rollouts_by_state ON rollouts (state, created_at);
+CREATE TABLE rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    hardware_class TEXT,
+    target TEXT,
+    package_id TEXT,
+    state TEXT NOT NULL,
+    prev_package_id TEXT,
+    prev_version TEXT,
+    prev_provider TEXT,
+    new_provider TEXT,
+    statement TEXT,
+    sent_at {real},
+    activated_at {real},
+    rollback_statement TEXT,
+    rollback_sent_at {real},
+    rollback_at {real},
+    reason TEXT,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX rollout_devices_by_wave ON rollout_devices (rollout_id, wave);
+CREATE TABLE rollout_waves (
+    rollout_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    sent_at {real},
+    settled_at {real},
+    evaluated_at {real},
+    verdict TEXT,
+    PRIMARY KEY (rollout_id, wave)
+);
+CREATE TABLE rollout_decisions (
+    id {id},
+    rollout_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    at {real} NOT NULL,
+    gate TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    evidence TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX rollout_decisions_by_rollout ON rollout_decisions (rollout_id, wave, at);
+"""
+
 # (version, schema text): appended to, never edited.
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1)]
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2)]
 
 
 def statements(text: str, dialect: Dialect) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgesdk.atomicfile import atomic_writer
-from edgesdk.errors import CalibrationDataError, ConfigError
+from edgesdk.errors import CalibrationDataError, ConfigError, first_line
 from edgesdk.manifest import TensorSpec
 
 Feeds = dict[str, np.ndarray]
@@ -104,7 +104,7 @@ def _read_arrays(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
                     f"{', '.join(s.name for s in inputs)} (use an .npz keyed by input name)")
             return {inputs[0].name: np.load(path, allow_pickle=False)}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npz/.npy file ({_first_line(exc)})") from None
+        raise CalibrationDataError(f"{path}: not a readable .npz/.npy file ({first_line(exc)})") from None
     raise CalibrationDataError(f"{path}: not an .npz or .npy file")
 
 
@@ -302,6 +302,3 @@ def plan_data(inputs: list[TensorSpec], calibration_path: str | Path | None = No
     return DataPlan(calibration, validation, source, synthetic, notes)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

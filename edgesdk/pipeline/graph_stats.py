@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgesdk.errors import ModelError, PackagingError
+from edgesdk.errors import ModelError, PackagingError, first_line
 from edgesdk.pipeline.model_io import iter_graphs
 
 ML_DOMAIN = "ai.onnx.ml"
@@ -166,12 +166,6 @@ def count_openvino_quantized(ir_xml_path: str | Path) -> int:
                 s.get_type_name() != "Constant" and from_low_bit_constant(s) for s in sources):
             count += 1
     return count
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line, capped: what a one-line error message quotes."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- MatMul vs Conv

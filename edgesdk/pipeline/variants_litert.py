@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgesdk.errors import ModelError
+from edgesdk.errors import ModelError, first_line
 from edgesdk.pipeline.build_support import config_from_options, publish, work_dir
-from edgesdk.pipeline.graph_stats import BuiltVariant, first_line
+from edgesdk.pipeline.graph_stats import BuiltVariant
 from edgesdk.profiles import VARIANT_KINDS
 
 _INT_TYPES = {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from edgesdk.errors import ProtocolError
+from edgesdk.errors import ProtocolError, first_line
 from edgesdk.protocol.blocks import INDEX_BLOCK, MAX_BLOCKS_PER_REQUEST
 
 # Every control message fits well under the broker's packet cap (a block plus headroom).
@@ -101,7 +101,7 @@ def parse_json(raw: bytes | str, where: str, limit: int = MAX_JSON_BYTES) -> Any
     except RecursionError:
         raise ProtocolError(f"{where}: JSON nested too deeply") from None
     except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise ProtocolError(f"{where}: not valid JSON ({_first_line(exc)})") from None
+        raise ProtocolError(f"{where}: not valid JSON ({first_line(exc, 200)})") from None
     _check_depth(data, where)
     return data
 
@@ -118,9 +118,6 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _check_depth(data: Any, where: str) -> None:

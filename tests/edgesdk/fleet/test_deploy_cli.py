@@ -114,7 +114,7 @@ def test_deploy_by_name_and_version_then_rollback_leave_signed_statements(mosqui
     first.verify([load_public_key(repo["fleet_key"].public_path)])
     assert (first.statement.name, first.statement.version, first.statement.rollback) == ("det", "2.0", False)
 
-    back = run(["rollback", "det", "--to", "1.0", "--device", "cam-1", "--repo", str(repo["repo"]),
+    back = run(["rollback", "det", "--to", "1.0", "--immediate", "--device", "cam-1", "--repo", str(repo["repo"]),
                 "--fleet-key", key], mosquitto.url)
     assert back.exit_code == 0, back.output
     assert "rollback to det@1.0" in back.output
@@ -145,7 +145,7 @@ def test_two_models_on_one_device_have_their_own_statements(mosquitto, repo) -> 
 @pytest.mark.parametrize("args, message", [
     (["deploy", "det@9.9", "--device", "cam-1"], "det@9.9 is not published (published: det@1.0, det@2.0)"),
     (["deploy", "nope@1.0", "--device", "cam-1"], "no package named 'nope'"),
-    (["rollback", "det", "--to", "0.1", "--device", "cam-1"], "det@0.1 is not published"),
+    (["rollback", "det", "--to", "0.1", "--immediate", "--device", "cam-1"], "det@0.1 is not published"),
     (["deploy", "det@2.0", "--device", "-cam"], "invalid device id '-cam'"),
 ])
 def test_bad_deploy_requests_fail_in_one_line(mosquitto, repo, args: list[str], message: str) -> None:

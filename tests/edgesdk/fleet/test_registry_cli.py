@@ -161,7 +161,7 @@ def command(kind: str, repo: dict, fleet_name: str, *devices: str) -> list[str]:
     targets = [a for d in devices for a in ("--device", d)]
     return {
         "deploy": ["deploy", "det@1.0", "--repo", repo["repo"]],
-        "rollback": ["rollback", "det", "--to", "1.0", "--repo", repo["repo"]],
+        "rollback": ["rollback", "det", "--to", "1.0", "--immediate", "--repo", repo["repo"]],
         "undeploy": ["undeploy", "det", "--wait", "0"],
     }[kind] + [*targets, "--fleet", fleet_name, "--fleet-key", repo["fleet_key"]]
 

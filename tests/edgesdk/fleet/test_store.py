@@ -25,6 +25,7 @@ from edgesdk.protocol.messages import DeviceState, InstallEvent, InstallEventKin
 from tests.fixtures.broker import free_port
 
 FLEET = "plant"
+LATEST = store_schema.latest_version()
 PKG_A, PKG_B, PKG_X = "a" * 64, "b" * 64, "c" * 64  # det@1.0, det@2.0, a package the store never saw
 T0 = 1_700_000_100.0  # 100 s into a 5-minute bucket
 
@@ -437,15 +438,33 @@ def test_reopening_applies_no_migration_twice(store_location: str, monkeypatch: 
         first.record_state(FLEET, state("d1"), at=T0)
         applied = first._run(lambda tx: tx.query("SELECT version, applied_at FROM schema_version"))
     with FleetStore.open(store_location) as again:
-        assert again.schema_version == 1 and again.device(FLEET, "d1") is not None
+        assert again.schema_version == LATEST and again.device(FLEET, "d1") is not None
         assert again._run(lambda tx: tx.query("SELECT version, applied_at FROM schema_version")) == applied
-    step = "CREATE TABLE probe_v2 (id INTEGER PRIMARY KEY)"
-    monkeypatch.setattr(store_schema, "MIGRATIONS", [*store_schema.MIGRATIONS, (2, step)])
-    with FleetStore.open(store_location) as upgraded:  # only step 2 runs: v1 tables would already exist
-        assert upgraded.schema_version == 2 and upgraded.device(FLEET, "d1") is not None
-    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:1])
-    with pytest.raises(FleetError, match="schema v2, newer than this edgesdk knows"):
+    step = "CREATE TABLE probe_next (id INTEGER PRIMARY KEY)"
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*store_schema.MIGRATIONS, (LATEST + 1, step)])
+    with FleetStore.open(store_location) as upgraded:  # only the new step runs: older tables already exist
+        assert upgraded.schema_version == LATEST + 1 and upgraded.device(FLEET, "d1") is not None
+    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:LATEST])
+    with pytest.raises(FleetError, match=f"schema v{LATEST + 1}, newer than this edgesdk knows"):
         FleetStore.open(store_location)
+
+
+def test_a_v1_store_with_data_migrates_to_the_latest_schema(store_location: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written by the previous release (schema v1) opens under this one: the later steps
+    run once, its devices and telemetry stay, and rollouts can be stored."""
+    every_step = store_schema.MIGRATIONS
+    monkeypatch.setattr(store_schema, "MIGRATIONS", every_step[:1])
+    with FleetStore.open(store_location) as old:
+        assert old.schema_version == 1
+        old.record_state(FLEET, state("d1"), at=T0)
+    monkeypatch.setattr(store_schema, "MIGRATIONS", every_step)
+    with FleetStore.open(store_location) as new:
+        assert new.schema_version == LATEST >= 2
+        assert new.device(FLEET, "d1") is not None
+        assert new._run(lambda tx: tx.query("SELECT COUNT(*) FROM rollouts"))[0][0] == 0
+        new.add_windows([(FLEET, "d1", window(0, T0, latencies(random.Random(1), 3.0, 50))[0])])
+        assert new.window_count(FLEET) == 1
 
 
 def test_concurrent_writers_and_readers_neither_fail_nor_double_count(store: FleetStore) -> None:
@@ -527,7 +546,7 @@ def test_open_names_the_problem_in_one_line(tmp_path: Path, monkeypatch: pytest.
     with FleetStore.open() as default:
         assert default.url == f"sqlite://{tmp_path / 'home' / 'fleet.db'}" and default.dialect == "sqlite"
     with FleetStore.open(f"sqlite://{tmp_path / 'home' / 'fleet.db'}") as same:
-        assert same.schema_version == 1
+        assert same.schema_version == LATEST
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(FleetError, match="dir.db"):
         FleetStore.open(tmp_path / "dir.db")
