@@ -272,7 +272,7 @@ class ModelHost:
                 raise InferenceFailedError(f"{active.name} {active.variant} on {active.provider}: "
                                            f"{_one_line(exc)}") from exc
             latency_ms = (self._timer() - start) * 1000.0
-            self.recorder.record(latency_ms, context=context)
+            self.recorder.record(latency_ms, context=context, outputs=outputs)  # summarized within a budget
             return InferResult(outputs, latency_ms, active)
         finally:
             with self._cond:

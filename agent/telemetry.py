@@ -1,7 +1,8 @@
 """Per-window latency telemetry: record every inference, roll a closed window once a period.
 
 `LatencyRecorder.record` runs on every inference, so it is a lock, a dict lookup and one
-histogram update (~1-2 µs on a slow core). `roll` closes the windows: it swaps them out under the
+histogram update (~1-2 µs on a slow core); when the summary budget allows (checked under the lock,
++0.2 µs), the call's outputs are summarized outside the lock and merged under it. `roll` closes the windows: it swaps them out under the
 lock, then computes percentiles, probes the process and persists the next sequence number
 outside it. A device with several models sends one window per model (and release) per period.
 
@@ -18,6 +19,11 @@ Semantics of a window (what a fleet collector reads):
   carries what makes it exactly mergeable and re-buildable: ``histogram_scheme`` ("log1.01/1"),
   ``histogram_sum_ns``, ``min_ms``, plus ``rejected`` and ``mean_ms``
   (`edgesdk.protocol.histogram.histogram_of` rebuilds the histogram from a received window).
+- ``extra["outputs"]`` (only when some call's outputs were summarized): per output name, what the
+  model answered (`edgesdk.protocol.outputs`, the format's one owner). Summarizing is budgeted:
+  the first ALWAYS_SUMMARIZED calls of a window always, later ones only while the time spent
+  summarizing in the window is at most SUMMARY_BUDGET of the inference time recorded in it, so a
+  tiny model whose outputs cost as much to summarize as to compute is slowed by ~2% on average.
 
 The window is `edgesdk.protocol.TelemetryWindow`, the message published as is.
 
@@ -28,18 +34,27 @@ Errors: the seq state file is read and written inside `map_os_errors` (a full di
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgesdk.atomicfile import write_bytes_atomic
 from edgesdk.errors import ConfigError, map_os_errors
 from edgesdk.protocol import TelemetryWindow
 from edgesdk.protocol.histogram import SCHEME, LatencyHistogram
+from edgesdk.protocol.outputs import MAX_OUTPUTS_PER_MODEL, OutputSummary, summarize_outputs, window_outputs
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Output summaries: always the first calls of a window (a quiet window still says what the model
+# answered), then only while summarizing has cost at most 2% of the window's inference time.
+ALWAYS_SUMMARIZED = 32
+SUMMARY_BUDGET = 0.02
 
 
 @dataclass(frozen=True)
@@ -77,19 +92,39 @@ class WindowContext:
 
 
 class _Open:
-    """One context's open window (or its lifetime totals)."""
+    """One context's open window (or its lifetime totals, which keep no output summaries)."""
 
-    __slots__ = ("hist", "errors", "rejected")
+    __slots__ = ("hist", "errors", "rejected", "outputs", "summarized", "summary_ms")
 
     def __init__(self) -> None:
         self.hist = LatencyHistogram()
         self.errors = 0
         self.rejected = 0
+        self.outputs: dict[str, OutputSummary] = {}
+        self.summarized = 0  # calls whose outputs were summarized
+        self.summary_ms = 0.0  # time spent summarizing them
 
     def merge(self, other: _Open) -> None:
         self.hist.merge(other.hist)
         self.errors += other.errors
         self.rejected += other.rejected
+
+    def summary_due(self, latency_ms: float) -> bool:
+        """Whether the budget allows summarizing one more call that took ``latency_ms``."""
+        if self.summarized < ALWAYS_SUMMARIZED:
+            return True
+        return self.summary_ms <= SUMMARY_BUDGET * (self.hist.sum_ns / 1e6 + latency_ms)
+
+    def add_outputs(self, summaries: dict[str, OutputSummary], spent_ms: float) -> None:
+        """Merge one call's summaries (taking ownership of them); at most MAX_OUTPUTS_PER_MODEL names."""
+        self.summarized += 1
+        self.summary_ms += spent_ms
+        for name, summary in summaries.items():
+            have = self.outputs.get(name)
+            if have is not None:
+                have.merge(summary)
+            elif len(self.outputs) < MAX_OUTPUTS_PER_MODEL:
+                self.outputs[name] = summary
 
     @property
     def empty(self) -> bool:
@@ -108,16 +143,18 @@ class LatencyRecorder:
     constant one in tests); ``emit_empty`` makes an active model's window with no requests a
     heartbeat (and, with no model active, one device heartbeat) instead of nothing.
     ``min_seq`` lets the daemon keep seq above windows still pending in the spool if the state file
-    was lost.
+    was lost. ``timer`` (seconds, monotonic) times the summarizing of outputs against its budget.
     """
 
     def __init__(self, state_path: str | Path, *, clock: Callable[[], float] = time.time,
                  probe: Callable[[], ProcessStats] | None = None, emit_empty: bool = True,
-                 min_seq: int = 0) -> None:
+                 min_seq: int = 0, timer: Callable[[], float] = time.perf_counter) -> None:
         self._state_path = Path(state_path)
         with map_os_errors(f"create {self._state_path.parent}"):
             self._state_path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
+        self._timer = timer
+        self._summary_failed = False  # log a failing summary once, then at debug level
         self._probe = probe if probe is not None else psutil_probe()
         self._emit_empty = emit_empty
         self._lock = threading.Lock()  # guards the open windows; held for one histogram update
@@ -161,15 +198,43 @@ class LatencyRecorder:
             window = self._open[key] = _Open()
         return window
 
-    def record(self, latency_ms: float, ok: bool = True, context: WindowContext | None = None) -> None:
+    def record(self, latency_ms: float, ok: bool = True, context: WindowContext | None = None,
+               outputs: Mapping[str, Any] | None = None) -> None:
         """Count one inference on ``context``'s model; the latency of a failed one is not a model
-        latency and is not kept."""
-        with self._lock:
-            window = self._window(context)
-            if ok:
+        latency and is not kept. ``outputs`` (of a successful call) are summarized into the window
+        when the summary budget allows, outside the lock."""
+        if not ok:
+            with self._lock:
+                self._window(context).errors += 1
+            return
+        if outputs is not None:
+            with self._lock:
+                window = self._window(context)
+                if not window.summary_due(latency_ms):  # the common case: one lock, as without outputs
+                    window.hist.record(latency_ms)
+                    return
+            summaries, spent_ms = self._summarize(context, outputs)
+            with self._lock:  # the current window: a roll meanwhile moves latency and summary together
+                window = self._window(context)
                 window.hist.record(latency_ms)
-            else:
-                window.errors += 1
+                window.add_outputs(summaries, spent_ms)
+            return
+        with self._lock:
+            self._window(context).hist.record(latency_ms)
+
+    def _summarize(self, context: WindowContext | None,
+                   outputs: Mapping[str, Any]) -> tuple[dict[str, OutputSummary], float]:
+        """One call's output summaries and the ms they took; none if summarizing failed (its time
+        still counts against the budget, so a failing summary is not retried on every call)."""
+        start = self._timer()
+        try:
+            summaries = summarize_outputs(outputs)
+        except Exception:  # telemetry must never fail the inference it describes (e.g. MemoryError)
+            log.log(logging.DEBUG if self._summary_failed else logging.WARNING,
+                    "could not summarize the outputs of model %s", (context or NO_CONTEXT).model, exc_info=True)
+            self._summary_failed = True
+            summaries = {}
+        return summaries, (self._timer() - start) * 1000.0
 
     def record_rejected(self, context: WindowContext | None = None) -> None:
         """Count one request refused before it reached the model (bad input)."""
@@ -238,7 +303,15 @@ class LatencyRecorder:
                 max_ms=hist.max, histogram=hist.to_bounds(),
                 variant=ctx.variant, provider=ctx.provider, package_id=ctx.package_id, model=ctx.model,
                 cpu_percent=stats.cpu_percent, rss_mb=stats.rss_mb, dropped_windows=dropped_windows,
-                extra={"rejected": window.rejected, "mean_ms": hist.mean, "min_ms": hist.min,
-                       "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns}))
+                extra=_extra(window)))
         self._last = out[-1]
         return out
+
+
+def _extra(window: _Open) -> dict[str, Any]:
+    hist = window.hist
+    extra: dict[str, Any] = {"rejected": window.rejected, "mean_ms": hist.mean, "min_ms": hist.min,
+                             "histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns}
+    if window.outputs:
+        extra["outputs"] = window_outputs(window.outputs)
+    return extra
