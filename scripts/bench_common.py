@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import platform
 import random
 import shutil
@@ -44,6 +45,14 @@ OPTIONAL_MODELS = ("silero-vad",)
 
 
 # -- machine and load ------------------------------------------------------------------------------
+def raise_file_limit() -> int:
+    """Mosquitto holds a file per client: lift the soft limit to the hard one (children inherit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def machine_info() -> dict[str, Any]:
     cpu, flags, mem_kb = platform.processor() or "", [], None
     try:

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -43,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import Mosquitto, fmt, machine_info, print_table, verdict, write_json  # noqa: E402
+from bench_common import (Mosquitto, fmt, machine_info, print_table, raise_file_limit, verdict,  # noqa: E402
+                          write_json)
 
 from edgesdk.broker import connect_blocking, disconnect, make_client, parse_broker_url  # noqa: E402
 from edgesdk.fleet.store import FleetStore  # noqa: E402
@@ -52,14 +52,6 @@ from edgesdk.protocol.histogram import SCHEME, LatencyHistogram  # noqa: E402
 
 FLEET = "bench"
 BIN = Path(sys.executable).parent
-
-
-def raise_file_limit() -> int:
-    """Mosquitto holds a file per client: lift the soft limit to the hard one (children inherit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def make_windows(n: int, devices: int, releases: int = 3, seed: int = 0) -> list[tuple[str, TelemetryWindow]]:

@@ -47,6 +47,8 @@ def serve(
     rollouts: bool = typer.Option(True, "--rollouts/--no-rollouts", help="Run the rollout controller (needs "
                                   "--fleet-key and the collector): it drives the rollouts `edgesdk rollout start` "
                                   "stores, one serve holding each rollout's lease."),
+    rollout_lease: float = typer.Option(30.0, "--rollout-lease", min=3.0, help="Seconds a serve holds a rollout "
+                                        "without renewing before another serve may take it over."),
     verbose: bool = typer.Option(False, "--verbose", help=f"Print the collector line every "
                                  f"{VERBOSE_STATS_EVERY_S:g} s instead of every {STATS_EVERY_S:g} s."),
     broker: str = _B["broker"], ca: Path = _B["ca"], cert: Path = _B["cert"], client_key: Path = _B["client_key"],
@@ -96,7 +98,8 @@ def serve(
         if key is not None and fleet_store is not None and rollouts:
             from edgesdk.fleet.rollout_controller import RolloutController
 
-            controller = RolloutController(config, fleet, fleet_store, repo, key, owner=collector_id)
+            controller = RolloutController(config, fleet, fleet_store, repo, key, owner=collector_id,
+                                           lease_s=rollout_lease)
             controller.start()
         collecting = (f"collector {collector.client_id} into {fleet_store.url}" if collector is not None
                       else "collector off (--no-collector)")

@@ -65,8 +65,8 @@ class RolloutController:
         self._refused: dict[int, object] = {}
         self._last_eval: dict[tuple[str, int], float] = {}
         self._last_summaries: dict[tuple[str, int], tuple] = {}
-        self.failure: str | None = None
         self.steps = 0
+        self.cpu_s = 0.0  # CPU time this controller's thread spent in its steps
 
     # -- running ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,10 +83,12 @@ class RolloutController:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.thread_time()
             try:
                 self.step_all()
             except Exception as exc:  # noqa: BLE001 - a bad rollout or a store hiccup must not end the thread
                 log.warning("rollout controller: %s", first_line(exc))
+            self.cpu_s += time.thread_time() - started
             self._stop.wait(self.tick_s)
 
     def step_all(self) -> None:
