@@ -8,6 +8,7 @@ Light on purpose (stdlib and cryptography only): the device agent imports it.
     statements  signed deployment statements (the `desired` message)
     blocks      binary block responses and the block index
     histogram   the mergeable latency histogram of telemetry windows (agent, collector, report, simulator)
+    outputs     the mergeable per-window output summaries (`extra.outputs`: the rollout drift gate's data)
 """
 
 from edgesdk.protocol.blocks import (BLOCK_SIZE, DIGEST_SIZE, HEADER_SIZE, INDEX_BLOCK, MAGIC, MAX_BLOCK_SIZE,
