@@ -11,6 +11,12 @@ calibration, validation and label files; plus a held-out set of rotated digits w
 for the client.
 
     python scripts/digit_models.py --out out/demo/digits
+    python scripts/digit_models.py --reader-only --seed 1 --out out/demo/reader-1.1          # a retrain
+    python scripts/digit_models.py --reader-only --hidden 1024,1024 --out out/demo/reader-1.2  # as good, slower
+    python scripts/digit_models.py --reader-only --shuffle-labels --out out/demo/reader-1.3    # broken training
+
+``--reader-only`` writes one more digit-reader (the demo's releases for its staged rollouts) from
+the same split of the data, so its validation set and labels are the first one's.
 """
 
 from __future__ import annotations
@@ -54,16 +60,40 @@ def mlp_to_onnx(clf, input_name: str, output_name: str, path: Path) -> Path:  # 
     return path
 
 
-def build(out: Path, seed: int = 0) -> dict[str, float]:
+def split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and held-out digits (300, stratified): images scaled to 0..1, and their labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # 0..1
+    return train_test_split(images, digits.target, test_size=300, stratify=digits.target, random_state=seed)
+
+
+def build_reader(out: Path, seed: int, hidden: tuple[int, ...], shuffle_labels: bool) -> float:
+    """Another digit-reader, trained with ``seed`` and ``hidden`` layers (on shuffled labels when
+    asked: what a broken training run ships), with the same validation data as `build`'s."""
+    from sklearn.neural_network import MLPClassifier
+
+    train, test, y_train, y_test = split()
+    labels = np.random.default_rng(seed).permutation(y_train) if shuffle_labels else y_train
+    reader = MLPClassifier(hidden_layer_sizes=hidden, max_iter=600, random_state=seed).fit(train.reshape(-1, 64),
+                                                                                          labels)
+    out.mkdir(parents=True, exist_ok=True)
+    up_test = test.reshape(-1, 64).astype(np.float32)
+    calib = np.random.default_rng(seed).choice(len(train), 64, replace=False)
+    mlp_to_onnx(reader, "image", "logits", out / "digit-reader.onnx")
+    np.savez(out / "calibration.npz", image=train[calib].reshape(-1, 1, 64).astype(np.float32))
+    np.savez(out / "validation.npz", image=up_test.reshape(-1, 1, 64))
+    np.save(out / "labels.npy", np.asarray(y_test, dtype=np.int64))
+    return float(reader.score(up_test, y_test))
+
+
+def build(out: Path, seed: int = 0) -> dict[str, float]:
     from sklearn.neural_network import MLPClassifier
 
     out.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)  # 0..1
-    train, test, y_train, y_test = train_test_split(images, digits.target, test_size=300, stratify=digits.target,
-                                                    random_state=seed)
+    train, test, y_train, y_test = split(seed)
     rng = np.random.default_rng(seed)
     # Every training image in all four rotations for the orientation model; upright for the reader.
     turns_train = np.repeat(np.arange(ROTATIONS), len(train))
@@ -98,7 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the two models and their data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reader-only", action="store_true", help="write one digit-reader into --out")
+    parser.add_argument("--hidden", default="64", help="--reader-only: hidden layer sizes, e.g. 1024,1024")
+    parser.add_argument("--shuffle-labels", action="store_true", help="--reader-only: train on shuffled labels")
     args = parser.parse_args()
+    if args.reader_only:
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+        score = build_reader(args.out, args.seed, hidden, args.shuffle_labels)
+        print(f"digit-reader (hidden {args.hidden}, seed {args.seed}"
+              f"{', shuffled labels' if args.shuffle_labels else ''}): held-out accuracy {score:.3f}")
+        return
     for name, score in build(args.out, args.seed).items():
         print(f"{name}: scikit-learn accuracy on held-out digits {score:.3f}")
 

@@ -208,7 +208,7 @@ def _follow(fleet_store, rollout_id: str, as_json: bool):  # noqa: ANN001, ANN20
             if as_json:
                 print_json(_status_json(fleet_store, rollout.id))
             else:
-                console.print(f"{rollout.state}: {rollout.outcome}", markup=False)
+                console.print(f"{rollout.state}: {_text(rollout.outcome, 600)}", markup=False, emoji=False)
             return rollout
         if rollout.lease_owner is None and not hinted and time.monotonic() - started > NO_CONTROLLER_HINT_S:
             console.print("no controller has picked this rollout up yet: is `edgesdk serve --fleet-key … --store` "
@@ -242,7 +242,7 @@ def status(
         if as_json:
             print_json(_status_json(fleet_store, rollout.id))
         else:
-            out.print(_status_text(fleet_store, rollout.id, devices), markup=False, highlight=False)
+            out.print(_status_text(fleet_store, rollout.id, devices), markup=False, highlight=False, emoji=False)
     if rollout.state in ("halted", "aborted"):
         raise typer.Exit(HALTED_EXIT)
 
@@ -282,8 +282,8 @@ def list_cmd(
         return
     out.print(plain_table(["ID", "RELEASE", "KIND", "STATE", "WAVE", "DEVICES", "STARTED", "OUTCOME"], [
         [r.id, r.release, r.kind, r.state + (" (paused)" if r.paused else ""), f"{min(r.wave + 1, r.waves)}/{r.waves}",
-         str(len(devs)), fmt_time(r.created_at), r.outcome or "—"] for r, devs in rows], {"OUTCOME": 70}),
-        markup=False, highlight=False)
+         str(len(devs)), fmt_time(r.created_at), _text(r.outcome, 600)] for r, devs in rows], {"OUTCOME": 70}),
+        markup=False, highlight=False, emoji=False)
 
 
 def _request(rollout_id: str, store: str | None, verb: str, **kwargs: Any) -> None:
@@ -371,7 +371,7 @@ def _status_text(fleet_store, rollout_id: str, with_devices: bool) -> str:  # no
              f"{r.spec.bake_s:g} s",
              f"devices   {_counts(devs)}"]
     if r.outcome:
-        lines.append(f"outcome   {r.outcome}")
+        lines.append(f"outcome   {_text(r.outcome, 600)}")
     lines.append("")
     lines.append(plain_table(["WAVE", "SIZE", "SENT", "SETTLED", "EVALUATED", "VERDICT", "DEVICES"], [
         [str(w.wave + 1), str(w.size), fmt_time(w.sent_at), fmt_time(w.settled_at), fmt_time(w.evaluated_at),
@@ -383,14 +383,15 @@ def _status_text(fleet_store, rollout_id: str, with_devices: bool) -> str:  # no
     if latest:
         lines.append("")
         lines.append(plain_table(["WAVE", "GATE", "VERDICT", "EVIDENCE"], [
-            [str(d.wave + 1), d.gate, d.verdict, d.summary] for (_, _), d in sorted(latest.items())],
+            [str(d.wave + 1), d.gate, d.verdict, _text(d.summary, 400)] for (_, _), d in sorted(latest.items())],
             {"EVIDENCE": 110}))
         lines.extend(_class_lines(latest))
     if with_devices:
         lines.append("")
         lines.append(plain_table(["DEVICE", "WAVE", "CLASS", "STATE", "BEFORE", "PROVIDER", "REASON"], [
-            [d.device_id, str(d.wave + 1), d.hardware_class or "—", d.state, d.prev_version or "—",
-             f"{d.prev_provider or '—'} -> {d.new_provider or '—'}", d.reason or ""] for d in devs], {"REASON": 60}))
+            [_text(d.device_id), str(d.wave + 1), _text(d.hardware_class), d.state, _text(d.prev_version),
+             f"{_text(d.prev_provider)} -> {_text(d.new_provider)}", _text(d.reason, 300) if d.reason else ""]
+            for d in devs], {"REASON": 60}))
     return "\n".join(lines)
 
 
@@ -402,11 +403,20 @@ def _class_lines(latest: dict) -> list[str]:
             continue
         for hw, entry in sorted((d.evidence.get("classes") or {}).items()):
             new, old, untouched = entry.get("new", {}), entry.get("same_devices_old", {}), entry.get("untouched", {})
-            rows.append([str(wave + 1), hw, _cohort(new), _cohort(old), _cohort(untouched), entry.get("verdict", "—")])
+            rows.append([str(wave + 1), _text(hw), _cohort(new), _cohort(old), _cohort(untouched),
+                         _text(entry.get("verdict"))])
     if not rows:
         return []
     return ["", plain_table(["WAVE", "HARDWARE CLASS", "NEW RELEASE", "SAME DEVICES BEFORE", "UNTOUCHED", "VERDICT"],
                             rows)]
+
+
+def _text(value: object, limit: int = 200) -> str:
+    """Stored text that may come from a device (ids, classes, providers, reasons in summaries): one
+    line, control characters escaped, "—" when empty (`fleet_cmd.safe_text`)."""
+    from edgesdk.cli.fleet_cmd import safe_text
+
+    return "—" if value is None or value == "" else safe_text(value, limit)
 
 
 def _cohort(c: dict) -> str:

@@ -317,21 +317,43 @@ def psi(old: OutputSummary, new: OutputSummary) -> tuple[float, str]:
         expected = [(old.argmax.get(c, 0) + 0.5) / (n_old + 0.5 * k) for c in classes]
         actual = [(new.argmax.get(c, 0) + 0.5) / (n_new + 0.5 * k) for c in classes]
         return _psi(expected, actual), f"the argmax of {k} classes"
-    mu_o, sd_o, mu_n, sd_n = old.mean, old.std, new.mean, new.std
-    if mu_o is None or mu_n is None:
-        return 0.0, "no finite values"
-    sd_o, sd_n = sd_o or 0.0, sd_n or 0.0
-    if sd_o <= 0 and sd_n <= 0:
-        same = math.isclose(mu_o, mu_n, rel_tol=1e-6, abs_tol=1e-12)
-        return (0.0 if same else math.inf), "a constant output"
-    scale = sd_o if sd_o > 0 else sd_n
+    # Ten equal-probability bins of the old distribution (normal, from its mean and std), each
+    # scaled by the share of finite values, plus one bin for the non-finite ones: an output that
+    # starts answering NaN drifts like any other.
+    finite_o, finite_n = _finite_share(old), _finite_share(new)
+    if old.mean is None and new.mean is None:
+        return _psi([finite_o, 1 - finite_o], [finite_n, 1 - finite_n]), "no finite values on either side"
+    mu_o, sd_o = (old.mean, old.std or 0.0) if old.mean is not None else (new.mean, new.std or 0.0)
+    mu_n, sd_n = (new.mean, new.std or 0.0) if new.mean is not None else (mu_o, sd_o)
+    assert mu_o is not None and mu_n is not None
+    if sd_o <= 0 and sd_n <= 0 and math.isclose(mu_o, mu_n, rel_tol=1e-6, abs_tol=1e-12):
+        expected, actual = [finite_o, 1 - finite_o], [finite_n, 1 - finite_n]
+        return _psi(expected, actual), "a constant output and its non-finite share"
+    scale = sd_o if sd_o > 0 else sd_n if sd_n > 0 else max(abs(mu_o), abs(mu_n), 1e-12)
     unit = NormalDist()
     edges = [mu_o + scale * unit.inv_cdf(i / PSI_BINS) for i in range(1, PSI_BINS)]
-    expected = [1 / PSI_BINS] * PSI_BINS
-    new_dist = NormalDist(mu_n, sd_n) if sd_n > 0 else None
-    cdf = [new_dist.cdf(e) if new_dist else float(mu_n <= e) for e in edges]
-    actual = [b - a for a, b in zip([0.0, *cdf], [*cdf, 1.0])]
-    return _psi(expected, actual), f"{PSI_BINS} bins of the old distribution (mean/std)"
+    old_cdf = _cdf(mu_o, sd_o, edges)
+    new_cdf = _cdf(mu_n, sd_n, edges)
+    expected = [finite_o * p for p in _bins(old_cdf)] + [1 - finite_o]
+    actual = [finite_n * p for p in _bins(new_cdf)] + [1 - finite_n]
+    return _psi(expected, actual), f"{PSI_BINS} bins of the old distribution (mean/std) and a non-finite bin"
+
+
+def _finite_share(s: OutputSummary) -> float:
+    total = s.count + s.nonfinite
+    return s.count / total if total else 1.0
+
+
+def _cdf(mu: float, sd: float, edges: Sequence[float]) -> list[float]:
+    """The CDF of N(mu, sd) at ``edges`` (a point mass when sd is 0)."""
+    if sd > 0:
+        dist = NormalDist(mu, sd)
+        return [dist.cdf(e) for e in edges]
+    return [float(mu <= e) for e in edges]
+
+
+def _bins(cdf: Sequence[float]) -> list[float]:
+    return [b - a for a, b in zip([0.0, *cdf], [*cdf, 1.0])]
 
 
 def _psi(expected: Sequence[float], actual: Sequence[float]) -> float:

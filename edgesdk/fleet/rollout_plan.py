@@ -17,6 +17,7 @@ from edgesdk.errors import ConfigError, FleetError
 from edgesdk.fleet.records import NO_VALUE, DeviceRecord, ReleaseRecord
 from edgesdk.fleet.rollout_spec import RolloutSpec, wave_sizes
 from edgesdk.fleet.store import FleetStore
+from edgesdk.protocol.statements import compare_versions
 
 DEFAULT_MAX_METRIC_DROP = 1.0  # points: 0.01 of a 0..1 score (accuracy, mAP), 1 of a 0..100 score
 
@@ -52,6 +53,13 @@ def plan_rollout(store: FleetStore, spec: RolloutSpec, *, rollout_id: str, max_m
         if not running:
             raise ConfigError(f"no selected device runs {spec.name}: nothing to roll back")
         devices = running
+    if spec.kind == "deploy":
+        newer = [(d.device_id, m.version) for d in devices for m in d.models
+                 if m.name == spec.name and compare_versions(m.version, spec.version) > 0]
+        if newer:
+            raise ConfigError(f"{spec.release} is below the {spec.name}@{newer[0][1]} that "
+                              f"{_few([d for d, _ in newer])} run: devices refuse a lower version from a deploy; "
+                              f"use `edgesdk rollback {spec.name} --to {spec.version}`")
     only = next(iter(by_target.values())) if len(by_target) == 1 else None
     package_of: dict[str, ReleaseRecord] = {}
     missing: dict[str, list[str]] = {}
@@ -89,25 +97,27 @@ def select_devices(store: FleetStore, spec: RolloutSpec) -> list[DeviceRecord]:
 
 
 def stratified(devices: Sequence[DeviceRecord], seed: str) -> list[DeviceRecord]:
-    """Devices interleaved across hardware classes, each class in an order fixed by ``seed``: any
-    prefix holds every class in about its share (the largest classes first on ties)."""
+    """Devices interleaved across hardware classes, each class in an order fixed by ``seed``, so
+    that every prefix holds each class within one device of its share (Tijdeman's chairman
+    assignment: at each step, of the classes that may take one more without going a full device
+    over their share, the one whose next device is due first)."""
     classes: dict[str, list[DeviceRecord]] = {}
     for d in devices:
         classes.setdefault(d.hardware_class or NO_VALUE, []).append(d)
-    queues = []
-    for name, members in classes.items():
+    queues = sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    for _, members in queues:
         members.sort(key=lambda d: hashlib.sha256(f"{seed}/{d.device_id}".encode()).digest())
-        queues.append((name, members))
-    total = len(devices)
-    taken = {name: 0 for name, _ in queues}
+    total, k = len(devices), len(queues)
+    delta = 1 / (2 * (k - 1)) if k > 1 else 0.0
+    rates = [len(members) / total for _, members in queues]
+    taken = [0] * k
     out: list[DeviceRecord] = []
-    # Largest remainder: at each step take from the class furthest behind its share.
     for step in range(1, total + 1):
-        name, members = max(queues, key=lambda q: (step * len(q[1]) / total - taken[q[0]], len(q[1]), q[0]))
-        if taken[name] >= len(members):
-            name, members = next(q for q in queues if taken[q[0]] < len(q[1]))
-        out.append(members[taken[name]])
-        taken[name] += 1
+        open_ = [i for i in range(k) if taken[i] < len(queues[i][1])]
+        eligible = [i for i in open_ if rates[i] * step - taken[i] - delta >= -1e-9] or open_
+        i = min(eligible, key=lambda c: ((taken[c] + 1 - delta) / rates[c], c))
+        out.append(queues[i][1][taken[i]])
+        taken[i] += 1
     return out
 
 

@@ -104,8 +104,13 @@ def parse_waves(text: str, option: str = "--waves") -> tuple[str, ...]:
         raise ConfigError(f"{option} {text!r}: name at least one wave, e.g. 1,10%,100%")
     if len(items) > MAX_WAVES:
         raise ConfigError(f"{option}: at most {MAX_WAVES} waves")
+    previous: dict[bool, float] = {}
     for item in items:
-        _wave_value(item, option)
+        share, value = _wave_value(item, option)
+        if share in previous and value <= previous[share]:
+            raise ConfigError(f"{option} {text!r}: waves are cumulative sizes and must grow "
+                              f"({item} after {previous[share]:g}{'%' if share else ''})")
+        previous[share] = value
     if items[-1] != "100%":
         raise ConfigError(f"{option} {text!r}: the last wave must be 100% (every selected device)")
     return items

@@ -278,7 +278,7 @@ class RolloutWriter:
     def _guarded(self, tx: Transaction) -> None:
         held = tx.query("SELECT lease_owner FROM rollouts WHERE id = ?", (self.id,))
         if not held or held[0][0] != self.owner:
-            raise LeaseLost(f"rollout {self.id}: the lease is held by {held[0][0] if held else 'nobody'}")
+            raise LeaseLost(f"rollout {self.id}: the lease is held by {held[0][0] if held and held[0][0] else 'nobody'}")
 
     def write(self, *, rollout: Mapping[str, Any] | None = None,
               devices: Iterable[tuple[str, Mapping[str, Any]]] = (),
