@@ -231,3 +231,46 @@ def test_an_offline_device_is_unknown_never_a_success(rig: Rig) -> None:
         assert {states[d] for d in offline} == {R.UNKNOWN}
         assert sorted(s for d, s in states.items() if d not in offline) == [R.ACTIVE] * 3
         assert "3 active, 3 unknown" in rollout.outcome
+
+
+def test_hostile_device_messages_during_a_rollout_neither_stop_the_controller_nor_fake_its_outcome(rig: Rig) -> None:
+    """While a wave runs, something on the broker floods a device's topics with malformed JSON,
+    oversized reasons, control characters, an `activated` event for a package the device was not
+    told to run and a state claiming it. The collector drops what does not parse; the controller
+    keeps stepping and counts the device by what it was told: the rollout completes, and the
+    forged claims about another package change nothing."""
+    from edgesdk import protocol
+    from edgesdk.broker import connect_blocking, disconnect, make_client
+    from edgesdk.protocol import InstallEvent, InstallEventKind
+
+    with running(rig.sim(3, behaviour())):
+        rig.wait_devices(3)
+        target = "sim-00001"
+        hostile = make_client("hostile-test", parse_broker_url(rig.url), clean_start=True)
+        connect_blocking(hostile, parse_broker_url(rig.url))
+        forged = InstallEvent(kind=InstallEventKind.ACTIVATED, package_id="f" * 64, at=time.time(), model="det",
+                              rollout_id="ro-forged", reason="\x1b[31m" + "x" * 100_000)
+        payloads = [b"{not json", b"[]", b'{"kind": "activated"}', b"\xff\xfe", forged.to_json(),
+                    json.dumps({"device_id": target, "online": True, "models": [{"name": "det", "version": "9.9",
+                                "package_id": "f" * 64, "provider": "\x1b]8;;evil"}]}).encode()]
+        stop = time.monotonic() + 8.0
+
+        def flood() -> None:
+            while time.monotonic() < stop:
+                for payload in payloads:
+                    hostile.publish(protocol.device_events(FLEET, target), payload, qos=1)
+                    hostile.publish(protocol.device_telemetry(FLEET, target), payload, qos=1)
+
+        import threading
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            code, output, rid = start(rig, "--waves", "1,100%", *FAST)
+        finally:
+            flooder.join()
+            disconnect(hostile)
+        assert code == 0, output
+        rollout, devices, _ = rig.rollout(rid)
+        assert rollout.state == R.COMPLETED and {d.state for d in devices} == {R.ACTIVE}
+        assert set(rig.wait_versions("2.0", [d.device_id for d in devices]).values()) == {"2.0"}
