@@ -128,6 +128,16 @@ class PlotData:
     series_step_s: int
     compared: dict[str, tuple[ReleaseHistogram, ...]]  # model name -> its two latest releases, old first
     timeline: tuple[EventRecord, ...]
+    rollout_marks: tuple[RolloutMark, ...] = ()
+
+
+@dataclass(frozen=True)
+class RolloutMark:
+    """A moment of a staged rollout on the latency-over-time plot: a wave sent, a halt, the end."""
+
+    at: float
+    kind: str  # wave | completed | halted
+    text: str  # one line (rollout id, release, what happened)
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,26 @@ def _plot_data(store: FleetStore, fleet: str | None, since: float, until: float,
     merged = store.merged_histogram(fleet, since=since, until=until, by="release", select=sel)
     timeline = [e for e in store.events(fleet, since=since, until=until, limit=MAX_TIMELINE_EVENTS)
                 if e.kind != "downloading" and (not select or (e.fleet, e.device_id) in chosen)]
-    return PlotData(series=series, series_step_s=step, compared=latest_two(merged), timeline=tuple(timeline))
+    return PlotData(series=series, series_step_s=step, compared=latest_two(merged), timeline=tuple(timeline),
+                    rollout_marks=tuple(rollout_marks(store, fleet, since, until)))
+
+
+def rollout_marks(store: FleetStore, fleet: str | None, since: float, until: float) -> list[RolloutMark]:
+    """Each rollout's waves sent, its halt and its end within [since, until), oldest first."""
+    from edgesdk.fleet import rollouts as R
+
+    marks = []
+    for r in R.list_rollouts(store, fleet):
+        if r.created_at >= until or (r.finished_at is not None and r.finished_at < since):
+            continue
+        for w in R.rollout_waves(store, r.id):
+            if w.sent_at is not None:
+                marks.append(RolloutMark(w.sent_at, "wave", f"{r.id} {r.release}: wave {w.wave + 1} of {r.waves} "
+                                                              f"sent ({w.size} devices)"))
+        if r.finished_at is not None:
+            kind = "completed" if r.state == R.COMPLETED else "halted"
+            marks.append(RolloutMark(r.finished_at, kind, f"{r.id} {r.release}: {r.state} — {r.outcome or ''}"))
+    return sorted((m for m in marks if since <= m.at < until), key=lambda m: m.at)
 
 
 def latest_two(merged: Mapping[str, LatencyHistogram]) -> dict[str, tuple[ReleaseHistogram, ...]]:

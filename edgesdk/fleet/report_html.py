@@ -155,7 +155,7 @@ def _figures(r: Report, plots: PlotData) -> list[tuple[str, str, Any]]:
     """(div id, heading, figure or None when there is nothing to draw), in page order."""
     return [
         ("latency-over-time", f"Latency over time per release (p50 dotted, p95 solid; {plots.series_step_s // 60} "
-         "min steps)", latency_over_time(plots.series, plots.series_step_s)),
+         "min steps; rollouts marked)", latency_over_time(plots.series, plots.series_step_s, plots.rollout_marks)),
         ("device-p95", "p95 per device and release (outliers ringed)", device_p95(r.device_latency, r.factor,
                                                                                   r.min_calls)),
         ("old-vs-new", "Old vs new release: latency histograms", old_vs_new(plots.compared)),
@@ -167,8 +167,10 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def latency_over_time(series: dict[str, list[tuple[float, Any]]], step_s: float):  # noqa: ANN201 - Figure or None
-    """p50 and p95 lines per release; a line breaks where a release has no telemetry for a step."""
+def latency_over_time(series: dict[str, list[tuple[float, Any]]], step_s: float,  # noqa: ANN201 - Figure or None
+                      marks: Sequence[Any] = ()):
+    """p50 and p95 lines per release; a line breaks where a release has no telemetry for a step.
+    Rollout moments (`report.RolloutMark`) are markers along the time axis: waves sent, halts, ends."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
@@ -201,9 +203,20 @@ def latency_over_time(series: dict[str, list[tuple[float, Any]]], step_s: float)
         fig.add_trace(go.Scatter(x=x, y=p50, mode="lines", name=f"{name} p50", legendgroup=name, connectgaps=False,
                                  line=dict(color=color, dash="dot"),
                                  hovertemplate=f"{name}<br>%{{x}} UTC<br>p50 %{{y:.3g}} ms<extra></extra>"))
+    for kind, (symbol, color) in ROLLOUT_MARKERS.items():
+        chosen = [m for m in marks if m.kind == kind]
+        if chosen:
+            fig.add_trace(go.Scatter(
+                x=[_utc(m.at) for m in chosen], y=[0] * len(chosen), mode="markers", name=f"rollout: {kind}",
+                marker=dict(symbol=symbol, size=14, color=color), text=[_e(_clip(m.text, 300)) for m in chosen],
+                hovertemplate="%{x} UTC<br>%{text}<extra></extra>"))
     fig.update_yaxes(title_text="latency (ms)", rangemode="tozero")
     fig.update_xaxes(title_text="time (UTC)")
     return fig
+
+
+# Rollout moments on the latency plot: (plotly marker symbol, color) per kind.
+ROLLOUT_MARKERS = {"wave": ("triangle-up", "#1f77b4"), "completed": ("star", "#2ca02c"), "halted": ("x", "#d62728")}
 
 
 def device_p95(rows: Sequence[DeviceLatency], factor: float, min_calls: int):  # noqa: ANN201

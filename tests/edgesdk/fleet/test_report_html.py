@@ -190,3 +190,30 @@ def test_histogram_bins_share_sums_to_one_and_edges_grow() -> None:
     assert all(a < b for a, b in zip(x, x[1:]))
     assert histogram_bins(LatencyHistogram()) == ([], [])
 
+
+
+def test_rollouts_are_marked_on_the_latency_plot(tmp_path: Path) -> None:
+    """A halted rollout in the store: its wave sent and its halt are markers on the latency plot,
+    drawn in the browser with no JavaScript error; its outcome (device-sent reasons can be in it)
+    is escaped."""
+    from edgesdk.fleet import rollouts as R
+    from edgesdk.fleet.rollout_spec import RolloutSpec
+
+    fleet = build_fleet(tmp_path / "fleet.db")
+    with FleetStore.open(fleet.path) as store:
+        spec = RolloutSpec(fleet=FLEET, name="det", version="2.0", waves=("1", "100%"))
+        R.create_rollout(store, spec, [("cam-01", RPI, RPI, PKG[("2.0", RPI)]), ("cam-02", RPI, RPI, PKG[("2.0", RPI)])],
+                         [1, 1], rollout_id="ro-html-1", now=fleet.anchor - 900)
+        assert R.acquire_lease(store, "ro-html-1", "test", 60, fleet.anchor - 900)
+        writer = R.RolloutWriter(store, "ro-html-1", "test")
+        writer.write(wave=(0, {"sent_at": fleet.anchor - 890}), now=fleet.anchor - 890)
+        writer.write(rollout={"state": R.HALTED, "phase": R.DONE, "finished_at": fleet.anchor - 600,
+                              "outcome": f"wave 1: p95-regression: {HOSTILE}"}, now=fleet.anchor - 600)
+    page = write_report(fleet.path, tmp_path / "report.html")
+
+    html = page.read_text(encoding="utf-8")
+    assert "ro-html-1 det@2.0: wave 1 of 2 sent (1 devices)" in html and "<script>alert(2)" not in html
+    dom, errors = dump_dom(page, tmp_path)
+    assert errors == []
+    latency = plot_divs(dom)["latency-over-time"]
+    assert "rollout: wave" in latency and "rollout: halted" in latency
