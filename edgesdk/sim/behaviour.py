@@ -15,6 +15,8 @@ One YAML file drives tests, demos and benchmarks alike::
         p50_ms: 12
         p95_ms: 20                                             # sigma derived from p50 and p95
         output_drift: 0.3
+        jitter: 0.15                                           # each window's latencies x U[0.85, 1.15]
+        device_spread: 0.1                                     # each device's latencies x U[0.9, 1.1], fixed
         by_hardware:
           jetson-orin-nano: {p50_ms: 18}
 
@@ -22,6 +24,12 @@ An entry inherits what it does not say, most specific last: ``default`` < ``defa
 < ``releases[name]`` < its ``by_hardware[c]`` < ``releases[name@version]`` < its ``by_hardware[c]``.
 Every error is one line naming the file and the key (``ConfigError``), raised when the file is
 loaded, never in the middle of a run.
+
+Two kinds of noise scale a release's latencies (edgesdk/sim/windows.py applies both, so p50, p95,
+p99, max and the histogram move together): ``jitter`` j, one factor from U[1 - j, 1 + j] per
+device and telemetry window (the load on a device changes), and ``device_spread`` s, one factor
+from U[1 - s, 1 + s] per device, the same on every release it runs, fixed for the run and the same
+in every run with the same ``--seed`` (devices of one class are not identical).
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ class ReleaseBehaviour:
     variant: str = "fp32"
     runtime: str = "onnxruntime"
     output_drift: float = 0.0  # added to every output's mean (what the drift gate looks for)
+    # Latency noise (0: none; at most 0.9 so that every factor stays >= 0.1): a window's latencies
+    # x U[1 - jitter, 1 + jitter], drawn per device and window; a device's x U[1 - device_spread,
+    # 1 + device_spread], fixed per device from (seed, device index): the same on every release.
+    jitter: float = 0.0
+    device_spread: float = 0.0
     outputs: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: {"output": (0.0, 1.0)})  # output name -> (mean, std) of its values
 
@@ -66,7 +79,7 @@ _NUMBERS = {  # key -> (lowest, highest, lowest allowed?) checked at load
     "p50_ms": (0.0, 1e7, False), "sigma": (0.0, 5.0, True), "p95_ms": (0.0, 1e7, False),
     "error_rate": (0.0, 1.0, True), "install_failure_rate": (0.0, 1.0, True),
     "calls_per_window": (0.0, 1e7, True), "install_s": (0.0, 86400.0, True),
-    "output_drift": (-1e9, 1e9, True),
+    "output_drift": (-1e9, 1e9, True), "jitter": (0.0, 0.9, True), "device_spread": (0.0, 0.9, True),
 }
 _TEXTS = ("provider", "variant", "runtime")
 ENTRY_KEYS = (*_NUMBERS, *_TEXTS, "outputs", "by_hardware")

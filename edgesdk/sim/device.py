@@ -29,7 +29,7 @@ from edgesdk.protocol import (DeploymentStatement, DeviceState, InstallEvent, In
                               TelemetryWindow, compare_versions, device_desired_filter, device_events,
                               device_state, device_telemetry)
 from edgesdk.sim.behaviour import ReleaseBehaviour
-from edgesdk.sim.windows import HEARTBEAT, ModelContext, draw, empty_draw, window
+from edgesdk.sim.windows import HEARTBEAT, ModelContext, device_factor, draw, draw_load, empty_draw, window
 from edgesdk.trustroot import TrustRoot
 
 K = InstallEventKind
@@ -61,6 +61,7 @@ class ActiveModel:
     package_id: str
     behaviour: ReleaseBehaviour
     since: float  # start of its open telemetry window
+    scale: float = 1.0  # this device's fixed latency factor for the release (behaviour.device_spread)
 
     @property
     def context(self) -> ModelContext:
@@ -118,10 +119,12 @@ class SimDevice:
     hardware_class: str | None
     labels: dict[str, str]
     telemetry_interval_s: float
+    seed: int = 0  # the simulator's seed: with the index, it fixes the device's device_factor
     models: dict[str, ActiveModel] = field(default_factory=dict)
     installs: dict[str, InstallRun] = field(default_factory=dict)  # name -> run in progress
     serials: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (serial, sha256 of statement)
-    closed: list[tuple[ModelContext, ReleaseBehaviour, float, float]] = field(default_factory=list)
+    # Windows of releases replaced or undeployed since the last roll: (context, behaviour, scale, start, end).
+    closed: list[tuple[ModelContext, ReleaseBehaviour, float, float, float]] = field(default_factory=list)
     seq: int = 0
     dropped_windows: int = 0
     last_roll: float = 0.0  # start of the heartbeat window (no model active)
@@ -215,7 +218,7 @@ class SimDevice:
         if kind is K.UNDEPLOYED:
             removed = self.models.pop(statement.name, None)
             if removed is not None:
-                self.closed.append((removed.context, removed.behaviour, removed.since, now))
+                self.closed.append((removed.context, removed.behaviour, removed.scale, removed.since, now))
             return InstallEvent(kind=kind, package_id=removed.package_id if removed else "", **common), \
                 removed is not None
         if kind is K.FAILED:
@@ -237,21 +240,22 @@ class SimDevice:
         """Make ``name@version`` the active release of ``name``; the old one's window closes now."""
         old = self.models.get(name)
         if old is not None:
-            self.closed.append((old.context, old.behaviour, old.since, now))
-        self.models[name] = ActiveModel(name, version, package_id, behaviour, now)
+            self.closed.append((old.context, old.behaviour, old.scale, old.since, now))
+        scale = device_factor(self.seed, self.index, behaviour.device_spread)
+        self.models[name] = ActiveModel(name, version, package_id, behaviour, now, scale)
 
     # -- telemetry ---------------------------------------------------------------------------------
     def roll(self, now: float, rng: np.random.Generator, send: bool) -> list[TelemetryWindow]:
         """Close the open windows at ``now``: one per release that ran since the last roll (as the
         agent, ordered by model name), or a heartbeat when none did. Each takes the next seq. When
         ``send`` is False (offline) the windows are dropped and counted in ``dropped_windows``."""
-        parts: list[tuple[ModelContext, ReleaseBehaviour | None, float, float]] = list(self.closed)
+        parts: list[tuple[ModelContext, ReleaseBehaviour | None, float, float, float]] = list(self.closed)
         self.closed.clear()
         for model in self.models.values():
-            parts.append((model.context, model.behaviour, model.since, now))
+            parts.append((model.context, model.behaviour, model.scale, model.since, now))
             model.since = now
         if not parts:
-            parts.append((HEARTBEAT, None, self.last_roll, now))
+            parts.append((HEARTBEAT, None, 1.0, self.last_roll, now))
         self.last_roll = now
         parts.sort(key=lambda p: (p[0].model or "", p[0].package_id or ""))
         first, self.seq = self.seq, self.seq + len(parts)
@@ -259,9 +263,13 @@ class SimDevice:
             self.dropped_windows += len(parts)
             return []
         interval = self.telemetry_interval_s
-        return [window(seq, start, end, ctx, draw(rng, b, end - start, interval) if b else empty_draw(),
+        # One load per device and window, shared by every release it ran (load is the device's, not
+        # the model's); drawn only when a release has jitter, so without it the draws are unchanged.
+        load = draw_load(rng) if any(p[1] is not None and p[1].jitter > 0 for p in parts) else None
+        return [window(seq, start, end, ctx,
+                       draw(rng, b, end - start, interval, scale=scale, load=load) if b else empty_draw(),
                        self.dropped_windows)
-                for seq, (ctx, b, start, end) in enumerate(parts, start=first)]
+                for seq, (ctx, b, scale, start, end) in enumerate(parts, start=first)]
 
 
 def _runtimes(models: Iterable[ActiveModel]) -> dict[str, Any]:

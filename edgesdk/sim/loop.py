@@ -118,7 +118,7 @@ class Simulator:
         for i, ident in enumerate(config.device_ids()):
             labels = {key: values[i] for key, values in spreads.items()} | dict(config.labels)
             dev = SimDevice(config.first_index + i, ident, config.fleet, classes[i], labels,
-                            config.telemetry_interval_s)
+                            config.telemetry_interval_s, seed=config.seed)
             for release in config.start_with:
                 dev.activate(release.name, release.version, release.package_id,
                              behaviour.for_release(release.name, release.version, classes[i]), 0.0)

@@ -41,6 +41,20 @@ def test_entries_inherit_from_default_then_name_then_release_then_hardware_class
     assert (nano.p50_ms, nano.sigma, nano.error_rate) == (30.0, 0.1, 0.01)  # sigma there replaces p95
 
 
+def test_latency_noise_is_off_by_default_and_inherited_like_the_other_numbers() -> None:
+    assert (DEFAULT_BEHAVIOUR.for_release("m", "1", None).jitter,
+            DEFAULT_BEHAVIOUR.for_release("m", "1", None).device_spread) == (0.0, 0.0)
+    behaviour = parse_behaviour({
+        "default": {"jitter": 0.15, "by_hardware": {"nano": {"device_spread": 0.1}}},
+        "releases": {"det@2.0": {"jitter": 0.3, "by_hardware": {"nano": {"device_spread": 0}}}},
+    })
+    noise = {(name, version, cls): (b.jitter, b.device_spread)
+             for name, version in (("ocr", "1"), ("det", "2.0")) for cls in (None, "nano")
+             for b in [behaviour.for_release(name, version, cls)]}
+    assert noise == {("ocr", "1", None): (0.15, 0.0), ("ocr", "1", "nano"): (0.15, 0.1),
+                     ("det", "2.0", None): (0.3, 0.0), ("det", "2.0", "nano"): (0.3, 0.0)}
+
+
 def test_p95_gives_the_lognormal_whose_95th_percentile_it_is() -> None:
     b = parse_behaviour({"default": {"p50_ms": 10, "p95_ms": 20}}).for_release("m", "1", None)
     samples = np.random.default_rng(1).lognormal(b.mu, b.sigma, 200_000)
@@ -71,6 +85,12 @@ def test_p95_gives_the_lognormal_whose_95th_percentile_it_is() -> None:
     ({"hardware": {"kinds": {}}}, "hardware.kinds: unknown key"),
     ({"labels": {"site": ["berlin"]}}, "labels.site: expected a mapping"),
     ({"labels": {"bad/key": {"x": 1}}}, "labels.bad/key: a label key must be"),
+    ({"default": {"jitter": 0.95}}, "default.jitter: expected a number >= 0 and <= 0.9, got 0.95"),
+    ({"default": {"jitter": -0.1}}, "default.jitter: expected a number >= 0 and <= 0.9, got -0.1"),
+    ({"default": {"by_hardware": {"nano": {"jitter": "15%"}}}},
+     "default.by_hardware.nano.jitter: expected a number >= 0 and <= 0.9, got '15%'"),
+    ({"releases": {"det": {"device_spread": 1}}}, "releases.det.device_spread: expected a number >= 0 and <= 0.9"),
+    ({"releases": {"det@2": {"device_spread": float("nan")}}}, "releases.det@2.device_spread: expected a number"),
 ])
 def test_bad_behaviour_files_fail_in_one_line_naming_the_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as err:
