@@ -316,7 +316,7 @@ class RolloutController:
         activated = min((d.activated_at for d in wave_devices if d.activated_at and d.state == R.ACTIVE), default=now)
         data = wave_data(self.store, self.fleet, rollout.model, rollout.wave, refreshed, untouched,
                          new_package={d.device_id: d.package_id for d in devices}, sent_at=sent,
-                         activated_at=max(activated, sent), now=now, lookback_s=rollout.spec.lookback_s)
+                         activated_at=max(activated, sent), now=now, lookback_s=rollout.spec.old_window_s)
         return evaluate(rollout.spec.limits, data, now)
 
     # -- halting and rolling back ------------------------------------------------------------------

@@ -25,7 +25,7 @@ DEFAULT_WAVES = "1,10%,50%,100%"
 DEFAULT_BAKE_S = 600.0
 DEFAULT_ACTIVATION_TIMEOUT_S = 900.0
 DEFAULT_MIN_SAMPLES = 500
-DEFAULT_LOOKBACK_S = 3600.0  # the old release's windows on the same devices: this long before the switch
+MIN_LOOKBACK_S = 600.0  # the old release on the same devices: at least this long before the switch
 MAX_WAVES = 20
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -68,12 +68,17 @@ class RolloutSpec:
     bake_s: float = DEFAULT_BAKE_S
     activation_timeout_s: float = DEFAULT_ACTIVATION_TIMEOUT_S
     max_wait_s: float | None = None  # waiting for enough data after the bake; None: 2 x bake (at least 60 s)
-    lookback_s: float = DEFAULT_LOOKBACK_S
+    lookback_s: float | None = None  # None: twice the bake, at least MIN_LOOKBACK_S (recent: comparable load)
     limits: GateLimits = GateLimits()
 
     @property
     def release(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def old_window_s(self) -> float:
+        """How far before the switch the same devices' old release is read."""
+        return self.lookback_s if self.lookback_s is not None else max(MIN_LOOKBACK_S, 2 * self.bake_s)
 
     @property
     def data_wait_s(self) -> float:

@@ -9,6 +9,7 @@ clearly inside a 20 % limit, and "+21 %" lands at k = 19 or 20, clearly outside 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -173,16 +174,28 @@ def test_untouched_baseline_passes_a_release_as_fast_as_the_rest_of_the_class() 
     assert decision.evidence["classes"]["rpi"]["regression_vs_untouched"] == pytest.approx(0.0, abs=0.05)
 
 
-def test_the_worse_of_both_baselines_decides() -> None:
-    """Same devices before: +10 %; untouched devices meanwhile: +60 % (the old release got faster
-    elsewhere, or the wave's devices were already slow): the gate takes the larger regression."""
+def test_a_regression_only_one_baseline_shows_is_not_the_release() -> None:
+    """Same devices before: +10 %; untouched devices meanwhile: +60 %: the wave's devices were
+    already slower units (the untouched comparison sees the device mix, not the release). And the
+    other way round, a load spike: +60 % against the same devices before, +10 % against the
+    untouched devices running now. Neither is the release: both pass."""
     new = cohort(BASE * 1.6)
-    decision = p95(wave(one_class(new=new, old=cohort(BASE * 1.45), untouched=cohort(BASE, ("u1",)))), limits())
+    device_mix = p95(wave(one_class(new=new, old=cohort(BASE * 1.45), untouched=cohort(BASE, ("u1",)))), limits())
+    load_spike = p95(wave(one_class(new=new, old=cohort(BASE), untouched=cohort(BASE * 1.45, ("u1",)))), limits())
 
-    entry = decision.evidence["classes"]["rpi"]
+    entry = device_mix.evidence["classes"]["rpi"]
     assert within_a_bucket(entry["regression_vs_same_devices_old"], 1.6 / 1.45)
     assert within_a_bucket(entry["regression_vs_untouched"], 1.6)
-    assert decision.verdict == FAIL and "the untouched devices" in decision.summary
+    assert device_mix.verdict == PASS and load_spike.verdict == PASS
+
+
+def test_a_regression_both_baselines_show_fails_and_names_both() -> None:
+    decision = p95(wave(one_class(new=cohort(BASE * 1.6), old=cohort(BASE * 1.1),
+                                  untouched=cohort(BASE, ("u1",)))), limits())
+
+    assert decision.verdict == FAIL  # (histogram buckets are 1 % wide: +45 % reads +46 %, +60 % +61 %)
+    assert re.search(r"on the same devices on the old release \(\+4[56]%\) and .* on the untouched devices "
+                     r"\(\+6[01]%\)", decision.summary)
 
 
 def test_without_a_usable_baseline_the_gate_waits() -> None:
