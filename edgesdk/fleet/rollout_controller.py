@@ -74,9 +74,17 @@ class RolloutController:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop stepping and hand every lease this controller holds back (another serve takes its
+        rollouts over at once, not after a lease period)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        try:
+            for rollout in R.list_rollouts(self.store, self.fleet, active_only=True):
+                if rollout.lease_owner == self.owner:
+                    R.release_lease(self.store, rollout.id, self.owner)
+        except EdgeError as exc:
+            log.warning("rollout controller: leases not handed back: %s", exc)
         if self._client is not None:
             disconnect(self._client)
             self._client = None
@@ -335,8 +343,10 @@ class RolloutController:
         to_sign = [d for d in devices if d.state in R.TOUCHED]
         if to_sign:
             rows = []
+            prior = {d.device_id: d.state for d in to_sign}
             for d, signed in self._sign_rollback(rollout, to_sign, now).items():
-                rows.append((d, {"state": R.RB_SIGNED, "rollback_statement": signed.to_json().decode()}))
+                rows.append((d, {"state": R.RB_SIGNED, "rollback_statement": signed.to_json().decode(),
+                                 "prior_state": prior[d]}))
             writer.write(devices=rows, now=now)
             devices = R.rollout_devices(self.store, rollout.id)
         to_publish = [d for d in devices if d.state == R.RB_SIGNED and d.rollback_statement]
@@ -392,7 +402,9 @@ class RolloutController:
         fleet = fleet_now(self.store, self.fleet, rollout.model, now)
         since = min(d.rollback_sent_at or now for d in waiting) - EVENT_SKEW_S
         events = events_since(self.store, self.fleet, rollout.model, since, [d.device_id for d in waiting])
-        answered = {(e.device_id, e.package_id) for e in events if e.kind in ("activated", "undeployed")}
+        # Only this rollout's own rollback answers count (its statements carry its id).
+        answered = {(e.device_id, e.package_id) for e in events
+                    if e.kind in ("activated", "undeployed") and e.rollout_id == rollout.id}
         rows = []
         for d in waiting:
             current = fleet.get(d.device_id)
@@ -401,7 +413,9 @@ class RolloutController:
             back = current.package_id == d.prev_package_id
             after = (current.state_at or 0) >= (d.rollback_sent_at or now) or (
                 d.device_id, d.prev_package_id or "") in answered or (d.device_id, "") in answered
-            never_switched = d.activated_at is None
+            # A device that failed the install, or was offline, when the rollout halted never left
+            # its release. One still without an outcome (silent, or downloading) must answer.
+            never_switched = d.prior_state in (R.FAILED, R.UNKNOWN) and d.activated_at is None
             if back and (after or never_switched):
                 rows.append((d.device_id, {"state": R.ROLLED_BACK, "rollback_at": now}))
         return rows

@@ -119,7 +119,8 @@ def failure_gate(limits: GateLimits, data: WaveData, at: float) -> Decision:
                         evidence)
     rate = failed / resolved
     evidence["failure_rate"] = round(rate, 6)
-    text = (f"{failed} of {resolved} devices failed ({rate:.1%}; limit {describe_limit(limits.max_failure_rate)})"
+    text = (f"{failed} of {resolved} devices with an outcome failed ({rate:.1%}; limit "
+            f"{describe_limit(limits.max_failure_rate)}; {len(states)} in the wave)"
             + (f"; {unknown} offline" if unknown else ""))
     if failed and failed_devices[0].reason:
         text += f"; {failed_devices[0].device_id}: {failed_devices[0].reason[:160]}"

@@ -156,8 +156,10 @@ def release_gate(store: FleetStore, spec: RolloutSpec, devices: Sequence[DeviceR
         new = by_target.get(old.target) or next(iter(by_target.values()))
         new_score, old_score = task_score(new), task_score(old)
         if new_score is None or old_score is None:
-            lines.append(f"{old.name}@{old.version} ({old.target}): no task metric to compare "
-                         f"({'candidate' if new_score is None else 'old release'} packaged without --labels)")
+            which = ("neither release" if new_score is None and old_score is None else
+                     "the candidate" if new_score is None else f"{old.name}@{old.version}")
+            lines.append(f"{old.name}@{old.version} ({old.target}): no task metric to compare ({which} was "
+                         "packaged without --labels/--evaluator)")
             continue
         point = 0.01 if max(abs(new_score[1]), abs(old_score[1])) <= 1.0 else 1.0
         drop = (old_score[1] - new_score[1]) / point
@@ -174,6 +176,8 @@ def release_gate(store: FleetStore, spec: RolloutSpec, devices: Sequence[DeviceR
         if not force:
             raise ReleaseGateError(message)
         return message + " — forced"
+    if worst is None:
+        return f"release gate: nothing to compare: {summary}"
     return f"release gate passed: {summary}"
 
 

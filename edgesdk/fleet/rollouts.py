@@ -48,7 +48,7 @@ _ROLLOUT_COLUMNS = ("id, fleet, model, version, kind, spec, state, phase, wave, 
                     "updated_at, finished_at, paused, abort_requested, outcome, lease_owner, lease_until")
 _DEVICE_COLUMNS = ("device_id, wave, hardware_class, target, package_id, state, prev_package_id, prev_version, "
                    "prev_provider, new_provider, statement, sent_at, activated_at, rollback_statement, "
-                   "rollback_sent_at, rollback_at, reason")
+                   "rollback_sent_at, rollback_at, reason, prior_state")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class RolloutDevice:
     rollback_sent_at: float | None = None
     rollback_at: float | None = None
     reason: str | None = None
+    prior_state: str | None = None  # its state when the rollout halted (what its rollback must confirm)
 
 
 @dataclass(frozen=True)

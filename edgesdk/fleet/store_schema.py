@@ -397,6 +397,7 @@ CREATE TABLE rollout_devices (
     sent_at {real},
     activated_at {real},
     rollback_statement TEXT,
+    prior_state TEXT,
     rollback_sent_at {real},
     rollback_at {real},
     reason TEXT,

@@ -262,16 +262,16 @@ def test_release_gate_passes_within_the_limit_or_when_off(tmp_path: Path, new_sc
     assert [r.id for r in stored(db)] == [rollout_id]
 
 
-@pytest.mark.parametrize(("new_score", "old_score", "missing"), [(None, None, "candidate"), (0.9, None, "old release"),
-                                                                 (None, 0.9, "candidate")])
+@pytest.mark.parametrize(("new_score", "old_score", "missing"), [(None, None, "neither release"),
+                                                                 (0.9, None, "det@1.0"), (None, 0.9, "the candidate")])
 def test_release_gate_without_task_metrics_proceeds_with_a_note(tmp_path: Path, new_score, old_score,
                                                                 missing: str) -> None:
     db = build_store(tmp_path / "fleet.db", new_score=new_score, old_score=old_score)
 
     rollout_id, result = start(db)
 
-    assert "release gate passed" in result.stderr and "no task metric to compare" in result.stderr
-    assert f"({missing} packaged without --labels)" in result.stderr
+    assert "release gate: nothing to compare" in result.stderr and "no task metric to compare" in result.stderr
+    assert f"({missing} was packaged without --labels/--evaluator)" in result.stderr
     assert [r.id for r in stored(db)] == [rollout_id]
 
 
@@ -363,7 +363,7 @@ def test_status_text_shows_state_gates_waves_and_decisions(db: Path) -> None:
             "provider fallback halts; 500 calls per side; bake 600 s") in text
     assert "devices   5 waiting, 1 active" in text
     assert re.search(r"^1\s+1\s+\S.*\s+1 active$", text, re.M)
-    assert re.search(r"^1\s+failure-rate\s+pass\s+0 of 1 devices failed", text, re.M)
+    assert re.search(r"^1\s+failure-rate\s+pass\s+0 of 1 devices with an outcome failed", text, re.M)
     assert re.search(r"^1\s+output-drift\s+n/a\s+off$", text, re.M)
 
 

@@ -278,7 +278,7 @@ def test_failure_rate_waits_until_a_device_resolved_and_offline_ones_never_count
     one_of_two = failure_gate(limits(), wave(devices=[device("d1", FAILED), device("d2", UNKNOWN)]), AT)
 
     assert pending.verdict == WAIT
-    assert one_of_two.verdict == FAIL and "1 of 1 devices failed" in one_of_two.summary
+    assert one_of_two.verdict == FAIL and "1 of 1 devices with an outcome failed" in one_of_two.summary
     assert "1 offline" in one_of_two.summary
 
 
