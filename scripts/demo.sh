@@ -11,7 +11,11 @@
 #   6. make the device run several models: add a digit-orientation stage and a digit reader
 #      (trained here on scikit-learn's digits), fed in sequence by a small client, each model
 #      deployed on its own; then undeploy the first model while the other two keep serving,
-#   7. review the fleet from the fleet store serve's collector filled: devices list, releases, a
+#   7. staged rollouts on two devices (a second one provisioned and running digit-reader) while an
+#      app reads digits on both: a release with a collapsed task metric refused by the release
+#      gate, a release as accurate but far slower halted by the latency gate in its first wave and
+#      rolled back (its evidence printed), and a retrained release completing,
+#   8. review the fleet from the fleet store serve's collector filled: devices list, releases, a
 #      telemetry report table and its HTML page.
 # Everything it writes goes under $EDGESDK_DEMO_DIR (default: out/demo). Re-running is fine.
 set -euo pipefail
@@ -57,20 +61,21 @@ cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rm -rf "$WORK/broker" "$WORK/device" "$WORK/repo" "$WORK/agent" "$EDGESDK_HOME"/fleet.db* "$EDGESDK_HOME/collectors"
+rm -rf "$WORK/broker" "$WORK/device" "$WORK/device2" "$WORK/repo" "$WORK/agent" "$WORK/agent2" \
+  "$EDGESDK_HOME"/fleet.db* "$EDGESDK_HOME/collectors"
 "$EDGESDK" broker config --out "$WORK/broker" --port "$PORT" --host localhost --bind 127.0.0.1
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 "$MOSQUITTO" -c "$WORK/broker/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 & MOSQ_PID=$!; PIDS+=($MOSQ_PID)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
 
+provision() {  # provision ID CONFIG_DIR DATA_DIR API_PORT: a device login and its agent.yaml (+ demo timings)
+  "$EDGESDK" devices provision "$1" --broker-dir "$WORK/broker" --out "$2" --fleet demo \
+    --trust-root "$WORK/root.json" --label site=demo --data-dir "$3" --reload-pid "$MOSQ_PID"
+  printf 'api: 127.0.0.1:%s\ntelemetry_interval_s: 5\nselection_budget_s: 20\n' "$4" >> "$2/agent.yaml"
+}
+
 step "provision the device: its login, the CA, the trust root, a complete agent.yaml"
-"$EDGESDK" devices provision demo-01 --broker-dir "$WORK/broker" --out "$WORK/device" --fleet demo \
-  --trust-root "$WORK/root.json" --label site=demo --data-dir "$WORK/agent" --reload-pid "$MOSQ_PID"
-cat >> "$WORK/device/agent.yaml" <<YAML
-api: 127.0.0.1:$API_PORT
-telemetry_interval_s: 5
-selection_budget_s: 20
-YAML
+provision demo-01 "$WORK/device" "$WORK/agent" "$API_PORT"
 "$AGENT" doctor --config "$WORK/device/agent.yaml" | grep -E "broker|target" || true
 
 step "fleet loop on this machine: repository and statement renewal (fleet-service), agent, operator"
@@ -92,11 +97,11 @@ done
   --fleet-key "$EDGESDK_HOME/keys/fleet.key"
 
 step "waiting for the agent to download, verify, select and activate"
-wait_models() {  # wait_models NAME...: until each named model is active on the device (status.json)
-  "$PY" - "$WORK" "$@" <<'PY'
+wait_models() {  # wait_models NAME...: until each named model is active on the device (status.json of $AGENT_DATA)
+  "$PY" - "${AGENT_DATA:-$WORK/agent}" "$@" <<'PY'
 import json, sys, time
 from pathlib import Path
-status, names = Path(sys.argv[1]) / "agent" / "status.json", sys.argv[2:]
+status, names = Path(sys.argv[1]) / "status.json", sys.argv[2:]
 deadline = time.monotonic() + 180
 while time.monotonic() < deadline:
     try:
@@ -178,6 +183,79 @@ from agent.client import EdgeClient
 client = EdgeClient(f"http://127.0.0.1:{sys.argv[1]}")
 print("active now:", ", ".join(m["release"] for m in client.models()))
 PY
+
+step "staged rollouts: a second device, demo-02, runs digit-reader too"
+API_PORT2=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+provision demo-02 "$WORK/device2" "$WORK/agent2" "$API_PORT2"
+"$AGENT" run --config "$WORK/device2/agent.yaml" 2>"$WORK/agent2.log" & PIDS+=($!)
+for _ in $(seq 120); do
+  "$EDGESDK" devices list --fleet demo --json 2>/dev/null | grep -q '"demo-02"' && break; sleep 0.5
+done
+"$EDGESDK" deploy digit-reader@1.0.0 --repo "$WORK/repo" --fleet demo --device demo-02 \
+  --fleet-key "$EDGESDK_HOME/keys/fleet.key"
+AGENT_DATA="$WORK/agent2" wait_models digit-reader
+
+# The app on both devices: read the held-out digits through each device's local API, nonstop,
+# from now until the rollouts are over (the gates judge what these calls measure; the old release
+# builds its history while the new ones are packaged).
+rm -f "$WORK/load.stop"
+"$PY" - "$WORK" "$API_PORT" "$API_PORT2" >"$WORK/load.log" 2>&1 <<'PY' & LOAD_PID=$!; PIDS+=($LOAD_PID)
+import sys, threading
+from pathlib import Path
+import numpy as np
+from agent.client import EdgeClient
+work, ports = Path(sys.argv[1]), sys.argv[2:]
+images = np.load(work / "digits" / "digit-reader" / "validation.npz")["image"]
+stop, counts = work / "load.stop", {p: [0, 0] for p in ports}
+def read(port):
+    client = EdgeClient(f"http://127.0.0.1:{port}")
+    while not stop.exists():
+        for image in images:
+            try:
+                client.infer({"image": image}, model="digit-reader")
+                counts[port][0] += 1
+            except Exception:  # noqa: BLE001 - a model being swapped: count it and go on
+                counts[port][1] += 1
+threads = [threading.Thread(target=read, args=(p,)) for p in ports]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("app calls per device (ok, failed):", counts)
+PY
+
+step "three more digit-reader releases: retrained (1.1.0), as accurate but far wider (1.2.0), trained on shuffled labels (1.3.0)"
+for spec in "1.1.0:--seed 1" "1.2.0:--hidden 1024,1024" "1.3.0:--shuffle-labels"; do
+  version=${spec%%:*}
+  # shellcheck disable=SC2086 # the options are words on purpose
+  "$PY" scripts/digit_models.py --reader-only ${spec#*:} --out "$WORK/reader-$version"
+  "$EDGESDK" package "$WORK/reader-$version/digit-reader.onnx" --target x86-64-cpu --name digit-reader \
+    --version "$version" --calibration "$WORK/reader-$version/calibration.npz" \
+    --validation "$WORK/reader-$version/validation.npz" --labels "$WORK/reader-$version/labels.npy" \
+    --out "$WORK/packages" >/dev/null
+  "$EDGESDK" publish "$WORK/packages/digit-reader-$version-x86-64-cpu.edgepkg" --repo "$WORK/repo"
+done
+"$EDGESDK" releases list --name digit-reader
+
+step "the release gate: digit-reader@1.3.0's packaged accuracy collapsed, so no device ever sees it"
+set +e
+"$EDGESDK" rollout start digit-reader@1.3.0 --fleet demo; code=$?
+set -e
+[ "$code" -eq 2 ] || { echo "expected the release gate to refuse digit-reader@1.3.0 (exit 2), got $code"; exit 1; }
+
+step "rollout of digit-reader@1.2.0 (accurate, much slower): halted in wave 1 by the latency gate, rolled back"
+set +e
+"$EDGESDK" rollout start digit-reader@1.2.0 --fleet demo --waves 1,100% --bake 20s --min-samples 300 --wait
+code=$?
+set -e
+[ "$code" -eq 4 ] || { echo "expected the rollout of digit-reader@1.2.0 to halt (exit 4), got $code"; exit 1; }
+"$EDGESDK" rollout status --fleet demo --devices || true   # exits 4: it halted
+
+step "rollout of digit-reader@1.1.0 (retrained): every gate passes, wave by wave"
+"$EDGESDK" rollout start digit-reader@1.1.0 --fleet demo --waves 1,100% --bake 20s --min-samples 300 --wait
+"$EDGESDK" rollout status --fleet demo
+"$EDGESDK" rollout list --fleet demo
+touch "$WORK/load.stop"; wait "$LOAD_PID" || true; cat "$WORK/load.log"
 
 step "fleet review: the registry, the releases and a telemetry report from the fleet store"
 # The pipeline's calls reach the store with the agent's next telemetry windows (every 5 s here):

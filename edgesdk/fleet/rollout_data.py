@@ -143,7 +143,7 @@ def wave_data(store: FleetStore, fleet: str, model: str, wave: int, wave_devices
     class_of = {d.device_id: d.hardware_class or NO_VALUE for d in devices}
     class_of.update({d: (u.hardware_class or NO_VALUE) for d, u in untouched.items()})
     sides: dict[tuple[str, str], _Side] = {}
-    outputs_new, outputs_old = _Side(), _Side()
+    outputs_new, outputs_old, outputs_untouched = _Side(), _Side(), _Side()
 
     series = store.transact(lambda tx: tx.query(
         "SELECT s.id, s.device_id, s.package_id FROM telemetry_series s WHERE s.fleet = ? AND s.model = ?",
@@ -178,10 +178,8 @@ def wave_data(store: FleetStore, fleet: str, model: str, wave: int, wave_devices
                 if side is None:
                     side = sides[key] = _Side()
                 side.add(device, count, errors, blob, outputs)
-                if side_name == "new":
-                    outputs_new.add(device, 0, 0, None, outputs)
-                elif side_name == "old":
-                    outputs_old.add(device, 0, 0, None, outputs)
+                {"new": outputs_new, "old": outputs_old, "untouched": outputs_untouched}[side_name].add(
+                    device, 0, 0, None, outputs)
 
     classes: dict[str, ClassData] = {}
     for d in active.values():
@@ -191,4 +189,5 @@ def wave_data(store: FleetStore, fleet: str, model: str, wave: int, wave_devices
         cls = classes.setdefault(hw, ClassData())
         setattr(cls, side_name, side.cohort())
     return WaveData(wave=wave, devices=devices, classes=classes, outputs_new=outputs_new.outputs,
-                    outputs_old=outputs_old.outputs, had_previous=bool(prev))
+                    outputs_old=outputs_old.outputs, outputs_untouched=outputs_untouched.outputs,
+                    had_previous=bool(prev))

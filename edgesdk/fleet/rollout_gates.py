@@ -86,6 +86,7 @@ class WaveData:
     classes: dict[str, ClassData] = field(default_factory=dict)  # by hardware class ("—" unknown)
     outputs_new: dict[str, OutputSummary] = field(default_factory=dict)  # the wave, merged
     outputs_old: dict[str, OutputSummary] = field(default_factory=dict)
+    outputs_untouched: dict[str, OutputSummary] = field(default_factory=dict)  # the untouched devices, meanwhile
     had_previous: bool = False
 
 
@@ -281,15 +282,20 @@ def drift_gate(limits: GateLimits, data: WaveData, at: float) -> Decision:
         return Decision(data.wave, at, "output-drift", NA, "off", {})
     if not data.had_previous:
         return Decision(data.wave, at, "output-drift", NA, "first install: no old release to compare with", {})
-    new, old = data.outputs_new, data.outputs_old
+    new, old, untouched = data.outputs_new, data.outputs_old, data.outputs_untouched
     per_output: dict[str, Any] = {}
     waiting, worst = [], None
-    for name in sorted(set(new) | set(old)):
-        a, b = old.get(name), new.get(name)
-        if a is None or b is None:
-            per_output[name] = {"note": f"only on the {'new' if a is None else 'old'} release"}
+    for name in sorted(set(new) | set(old) | set(untouched)):
+        b = new.get(name)
+        # The baseline: the same devices before the switch, else (too few summarized calls there,
+        # e.g. devices that ran the old release only briefly) the untouched devices meanwhile.
+        candidates = [(side, s) for side, s in (("same_devices_old", old.get(name)), ("untouched", untouched.get(name)))
+                      if s is not None]
+        if b is None or not candidates:
+            per_output[name] = {"note": f"only on the {'new' if b is not None else 'old'} release"}
             continue
-        entry: dict[str, Any] = {"old": _summary(a), "new": _summary(b)}
+        side, a = next(((side, s) for side, s in candidates if s.calls >= limits.min_samples), candidates[0])
+        entry: dict[str, Any] = {"baseline": side, "old": _summary(a), "new": _summary(b)}
         per_output[name] = entry
         if a.calls < limits.min_samples or b.calls < limits.min_samples:
             entry["verdict"] = WAIT

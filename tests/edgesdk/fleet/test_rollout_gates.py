@@ -513,3 +513,19 @@ def test_psi_and_the_drift_gate_never_raise_on_valid_summaries(old: OutputSummar
     decision = drift_gate(GateLimits(min_samples=1), wave(outputs_old={"y": old}, outputs_new={"y": new},
                                                           had_previous=True), AT)
     assert decision.verdict in (PASS, FAIL, WAIT)
+
+
+def test_drift_gate_falls_back_to_the_untouched_devices_when_the_same_devices_ran_the_old_release_briefly() -> None:
+    """The wave's devices ran the old release too briefly to have enough summarized calls: the
+    untouched devices' outputs meanwhile are the baseline (said in the evidence); a shift against
+    them fails, the same outputs pass."""
+    brief = {"y": normal(0, 1, calls=MIN - 1)}
+    shifted = drift_gate(limits(), wave(outputs_old=brief, outputs_untouched={"y": normal(0, 1)},
+                                        outputs_new={"y": normal(1, 1)}, had_previous=True), AT)
+    same = drift_gate(limits(), wave(outputs_old=brief, outputs_untouched={"y": normal(0, 1)},
+                                     outputs_new={"y": normal(0, 1)}, had_previous=True), AT)
+    neither = drift_gate(limits(), wave(outputs_old=brief, outputs_new={"y": normal(0, 1)}, had_previous=True), AT)
+
+    assert shifted.verdict == FAIL and shifted.evidence["outputs"]["y"]["baseline"] == "untouched"
+    assert same.verdict == PASS
+    assert neither.verdict == WAIT and neither.evidence["outputs"]["y"]["baseline"] == "same_devices_old"
