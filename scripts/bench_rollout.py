@@ -13,7 +13,7 @@ process (so its CPU time is its own thread's, `RolloutController.cpu_s`).
 3. noise: `--noise-rollouts` good rollouts (det@2.1, 2.2, ...) on `--noise-devices` devices with
    ±15 % per-window latency jitter and ±10 % spread between devices: false halts must be 0.
 
-    .venv/bin/python scripts/bench_rollout.py                      # 5,000 devices, 20 noisy rollouts (~25 min)
+    .venv/bin/python scripts/bench_rollout.py                      # 5,000 devices, 20 noisy rollouts (~20 min)
     .venv/bin/python scripts/bench_rollout.py --quick              # 500 devices, 3 noisy rollouts (~4 min)
     .venv/bin/python scripts/bench_rollout.py --json-out out/rollout.json
 """
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--min-samples", type=int, default=500)
     parser.add_argument("--noise-rollouts", type=int, default=20)
     parser.add_argument("--noise-devices", type=int, default=500)
+    parser.add_argument("--noise-bake", type=float, default=10.0, help="bake of the noisy rollouts (s)")
     parser.add_argument("--quick", action="store_true", help="500 devices, 3 noisy rollouts")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -206,7 +207,7 @@ def main() -> None:
                 wait_online(store, "noise", args.noise_devices)
                 noisy = []
                 for i in range(1, args.noise_rollouts + 1):
-                    result = run_rollout(store, controller, f"2.{i}", "noise", args.bake, args.min_samples,
+                    result = run_rollout(store, controller, f"2.{i}", "noise", args.noise_bake, args.min_samples,
                                          "1%,10%,100%")
                     noisy.append(result)
                     print(f"noise {i}/{args.noise_rollouts}: {result['state']} in {result['wall_s']:.0f} s"
