@@ -208,7 +208,9 @@ def _follow(fleet_store, rollout_id: str, as_json: bool):  # noqa: ANN001, ANN20
             if as_json:
                 print_json(_status_json(fleet_store, rollout.id))
             else:
-                console.print(f"{rollout.state}: {_text(rollout.outcome, 600)}", markup=False, emoji=False)
+                outcome = _text(rollout.outcome, 600)
+                console.print(outcome if outcome.startswith(rollout.state) else f"{rollout.state}: {outcome}",
+                              markup=False, emoji=False)
             return rollout
         if rollout.lease_owner is None and not hinted and time.monotonic() - started > NO_CONTROLLER_HINT_S:
             console.print("no controller has picked this rollout up yet: is `edgesdk serve --fleet-key … --store` "
