@@ -146,7 +146,12 @@ def run_rollout(store: FleetStore, controller: RolloutController, version: str, 
     running = {d.device_id: next((m.version for m in d.models if m.name == "det"), None)
                for d in store.devices(FLEET) if d.device_id in set(devices)}
     touched = [d for d in rows if d.state not in (R.WAITING,)]
+    timing = [{"wave": w.wave + 1, "size": w.size,
+               "settle_s": None if w.settled_at is None or w.sent_at is None else round(w.settled_at - w.sent_at, 1),
+               "judged_after_settle_s": None if w.evaluated_at is None or w.settled_at is None
+               else round(w.evaluated_at - w.settled_at, 1)} for w in waves_done]
     return {"rollout": rid, "version": version, "devices": len(devices), "waves": [w.size for w in waves_done],
+            "wave_timing": timing,
             "state": rollout.state, "outcome": rollout.outcome, "wall_s": wall,
             "controller_cpu_s": controller.cpu_s - cpu0, "halted_wave": None if halted_wave is None else halted_wave + 1,
             "halt_gate": halt.gate if halt else None, "halt_summary": halt.summary if halt else None,
