@@ -392,7 +392,9 @@ def test_json_doc_sections_are_all_checked():
         # checked in tests/edgesdk/fleet/test_registry_cli.py and test_report.py
         "`edgesdk devices list --json`", "device entries", "`edgesdk releases list --json`", "release entries",
         "`edgesdk telemetry report --format json`", "report groups", "report outliers", "install failures",
-        "`edgesdk sim --json`"}  # checked in tests/edgesdk/sim/test_simulator.py
+        "`edgesdk sim --json`",  # checked in tests/edgesdk/sim/test_simulator.py
+        # checked in tests/edgesdk/fleet/test_rollout_cli.py
+        "`edgesdk rollout status [ID] --json`", "`edgesdk rollout list --json`"}
 
 
 def test_package_leaves_no_temp_files_in_working_directory(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from edgesdk.fleet.rollout_spec import (DEFAULT_ACTIVATION_TIMEOUT_S, DEFAULT_BA
                                         DEFAULT_WAVES, GateLimits, RolloutSpec, describe_limit, parse_duration)
 from edgesdk.fleet.store import FleetStore
 from edgesdk.protocol.messages import DeviceState
+from tests.fixtures.cli_json import doc_section
 
 FLEET, EDGE = "lab", "edge"
 RPI, JETSON, X86 = "raspberry-pi-5", "jetson-orin-nano", "x86-64-cpu"
@@ -319,8 +320,7 @@ def test_list_shows_rollouts_newest_first_as_a_table_and_as_json(db: Path) -> No
     assert lines[1].split()[1:6] == ["det@2.0", "deploy", "pending", "(paused)", "1/1"]
     got = json.loads(as_json.stdout)["rollouts"]
     assert [r["id"] for r in got] == [second, first]
-    assert set(got[0]) == {"id", "fleet", "release", "kind", "state", "phase", "wave", "waves", "paused", "devices",
-                           "created_at", "finished_at", "outcome"}
+    assert set(got[0]) == doc_section("edgesdk rollout list --json")  # docs/cli-json.md, exactly
     assert (got[0]["paused"], got[0]["devices"], got[0]["wave"], got[1]["devices"]) == (True, 5, 1, 6)
 
 
@@ -347,6 +347,7 @@ def test_status_json_has_spec_waves_counts_and_decisions(db: Path) -> None:
     assert [(d["wave"], d["gate"], d["verdict"], d["summary"], d["evidence"]) for d in got["decisions"]] == [
         (1, d.gate, d.verdict, d.summary, d.evidence) for d in decisions]
     assert len(got["device_states"]) == 6
+    assert set(got) == doc_section("edgesdk rollout status [ID] --json")  # docs/cli-json.md, exactly
 
 
 def test_status_text_shows_state_gates_waves_and_decisions(db: Path) -> None:
