@@ -20,7 +20,8 @@ from edgesdk.fleet.rollout_gates import ClassData, Cohort, WaveData
 from edgesdk.fleet.rollouts import ACTIVE, RolloutDevice
 from edgesdk.fleet.records import NO_VALUE
 from edgesdk.fleet.store_queries import device_status, from_json
-from edgesdk.fleet.store_schema import ROLLUP_BUCKET_S, HistogramMerger, chunks
+from edgesdk.fleet.store_schema import ROLLUP_BUCKET_S, HistogramMerger, chunks, encode_histogram, merge_encoded
+from edgesdk.protocol.histogram import LatencyHistogram
 from edgesdk.protocol.outputs import OutputSummary
 
 if TYPE_CHECKING:
@@ -86,29 +87,62 @@ def events_since(store: FleetStore, fleet: str, model: str, since: float,
 
 
 # -- telemetry cohorts ---------------------------------------------------------------------------------
+MAX_DEVICE_WEIGHT = 3.0  # no device weighs more than this many times the median device of its cohort
+
+
 class _Side:
-    __slots__ = ("merger", "calls", "errors", "devices", "outputs")
+    """One cohort's rollup rows, kept per device until `cohort` merges them."""
+
+    __slots__ = ("rows", "outputs")
 
     def __init__(self) -> None:
-        self.merger = HistogramMerger()
-        self.calls = 0
-        self.errors = 0
-        self.devices: set[str] = set()
+        self.rows: dict[str, list[tuple[int, int, bytes | None]]] = {}
         self.outputs: dict[str, OutputSummary] = {}
 
     def add(self, device: str, count: int, errors: int, blob: bytes | None, outputs: str | None) -> None:
-        self.calls += count
-        self.errors += errors
-        if count:
-            self.devices.add(device)
-        if blob is not None:
-            self.merger.add(bytes(blob))
+        if count or blob is not None:
+            self.rows.setdefault(device, []).append((count, errors, None if blob is None else bytes(blob)))
         if outputs:
             merge_outputs(self.outputs, outputs)
 
     def cohort(self) -> Cohort:
-        return Cohort(hist=self.merger.result(), calls=self.calls, errors=self.errors, devices=set(self.devices),
-                      outputs=self.outputs)
+        """The merged cohort. A device with more calls than MAX_DEVICE_WEIGHT times the median
+        device's is counted at that weight (its histogram scaled down, listed in ``capped``): one
+        device flooding the store with fabricated fast calls cannot outweigh the others."""
+        merger, calls, errors, devices, capped = HistogramMerger(), 0, 0, set(), []
+        totals = {d: sum(c for c, _, _ in rows) for d, rows in self.rows.items()}
+        active = sorted(t for t in totals.values() if t)
+        cap = MAX_DEVICE_WEIGHT * active[len(active) // 2] if len(active) >= 3 else None
+        for device, rows in self.rows.items():
+            total = totals[device]
+            if total:
+                devices.add(device)
+            if cap is None or total <= cap:
+                calls += total
+                errors += sum(e for _, e, _ in rows)
+                for _, _, blob in rows:
+                    if blob is not None:
+                        merger.add(blob)
+                continue
+            factor = cap / total
+            capped.append(device)
+            calls += round(total * factor)
+            errors += round(sum(e for _, e, _ in rows) * factor)
+            hist = merge_encoded(blob for _, _, blob in rows if blob is not None)
+            if hist.count:
+                merger.add(encode_histogram(scaled(hist, factor)))
+        return Cohort(hist=merger.result(), calls=calls, errors=errors, devices=devices, outputs=self.outputs,
+                      capped=sorted(capped))
+
+
+def scaled(hist: LatencyHistogram, factor: float) -> LatencyHistogram:
+    """``hist`` with every bucket's count multiplied by ``factor`` (rounded; min and max kept)."""
+    out = LatencyHistogram()
+    out.counts = {b: n for b, n in ((b, round(c * factor)) for b, c in hist.counts.items()) if n}
+    out.count = sum(out.counts.values())
+    out.sum_ns = round(hist.sum_ns * factor)
+    out.min, out.max = hist.min, hist.max
+    return out
 
 
 def merge_outputs(into: dict[str, OutputSummary], text: str) -> None:

@@ -56,6 +56,7 @@ class Cohort:
     errors: int = 0
     devices: set[str] = field(default_factory=set)
     outputs: dict[str, OutputSummary] = field(default_factory=dict)
+    capped: list[str] = field(default_factory=list)  # devices counted at the cap (rollout_data.MAX_DEVICE_WEIGHT)
 
     @property
     def error_rate(self) -> float | None:
@@ -64,6 +65,7 @@ class Cohort:
     def describe(self) -> dict[str, Any]:
         h = self.hist
         return {"calls": self.calls, "errors": self.errors, "devices": len(self.devices),
+                "capped_devices": self.capped[:MAX_LISTED],
                 "p50_ms": _round(h.percentile(50)), "p95_ms": _round(h.percentile(95)),
                 "p99_ms": _round(h.percentile(99)), "error_rate": _round(self.error_rate, 6)}
 

@@ -17,7 +17,7 @@ from edgesdk.fleet.rollout_data import merge_outputs
 from edgesdk.fleet.rollout_spec import GateLimits, RolloutSpec
 from edgesdk.fleet.store import FleetStore
 from edgesdk.fleet.store_schema import ROLLUP_BUCKET_S, ROLLUP_HOUR_S
-from edgesdk.protocol.histogram import SCHEME, LatencyHistogram
+from edgesdk.protocol.histogram import SCHEME, LatencyHistogram, histogram_of
 from edgesdk.protocol.messages import TelemetryWindow
 from edgesdk.protocol.outputs import OutputSummary, window_outputs
 
@@ -332,3 +332,51 @@ def test_merge_outputs_accumulates_rows_and_skips_what_does_not_parse(store: Fle
     merge_outputs(into, '{"boxes": {"count": -1}, "junk": 7}')
 
     assert_same_summaries(into, merged(a, b))
+
+
+# -- a device flooding fabricated calls ----------------------------------------------------------------
+def latency_window(seq: int, end: float, device: str, package_id: str, median_ms: float, calls: int,
+                   rng: np.random.Generator) -> tuple[str, str, TelemetryWindow]:
+    hist = LatencyHistogram()
+    hist.record_many((rng.lognormal(0, 0.25, calls) * median_ms).tolist())
+    sent = TelemetryWindow(seq=seq, window_start=end - 5, window_end=end, count=hist.count, errors=0,
+                           p50_ms=hist.percentile(50), p95_ms=hist.percentile(95), p99_ms=hist.percentile(99),
+                           max_ms=hist.max, histogram=hist.to_bounds(), variant="fp32", provider="CPUExecutionProvider",
+                           package_id=package_id, model="det",
+                           extra={"histogram_scheme": SCHEME, "histogram_sum_ns": hist.sum_ns, "min_ms": hist.min})
+    return FLEET, device, TelemetryWindow.from_json(sent.to_json())
+
+
+def test_a_device_flooding_fabricated_fast_calls_cannot_hide_a_regression(store: FleetStore) -> None:
+    """Four devices of one class get a release 40 % slower; one of them (compromised) reports a
+    hundred times more calls than the others, all fast. Merged as they come, its calls would hide
+    the regression; counted at most at three times the median device's weight, they do not, and
+    the evidence names it."""
+    from edgesdk.fleet.rollout_data import wave_data
+    from edgesdk.fleet.rollout_gates import FAIL, latency_gates
+
+    rng = np.random.default_rng(3)
+    old, new = "a" * 64, "b" * 64
+    devices = ["d1", "d2", "d3", "evil"]
+    items = []
+    for i, device in enumerate(devices):
+        items.append(latency_window(10 * i, T0 - 60, device, old, 10.0, 400, rng))  # before the switch
+        calls, median = (40_000, 7.0) if device == "evil" else (400, 14.0)  # after: 40 % slower, or fabricated
+        items.append(latency_window(10 * i + 1, T0 + 60, device, new, median, calls, rng))
+    store.add_windows(items)
+    wave = [R.RolloutDevice(d, 0, "nano", "x86-64-cpu", new, R.ACTIVE, prev_package_id=old, activated_at=T0)
+            for d in devices]
+
+    data = wave_data(store, FLEET, "det", 0, wave, {}, new_package={d: new for d in devices}, sent_at=T0,
+                     activated_at=T0, now=T0 + 120, lookback_s=600)
+    p95 = latency_gates(GateLimits(min_samples=500), data, T0 + 120)[0]
+
+    nano = data.classes["nano"]
+    assert nano.new.capped == ["evil"] and nano.old.capped == []
+    assert nano.new.calls == 3 * 400 + 3 * 400  # the honest devices', and the flood counted as three times a median
+    assert p95.verdict == FAIL and p95.evidence["classes"]["nano"]["new"]["capped_devices"] == ["evil"]
+    # The same numbers merged by volume: the flood would have hidden it.
+    unweighted = LatencyHistogram()
+    for _, _, w in items[1::2]:
+        unweighted.merge(histogram_of(w))
+    assert unweighted.percentile(95) < nano.old.hist.percentile(95) * 1.2
