@@ -65,6 +65,15 @@ def behaviour(noise: bool) -> dict[str, Any]:
             "releases": {"det@3.0": {"by_hardware": {"nano": {"p50_ms": 13}}}}}  # p95 x1.3 on nano only
 
 
+def terminate(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM (a clean stop: offline states, commits), SIGKILL after ``wait_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class Serve:
     def __init__(self, url: str, store: Path, repo: Path, work: Path) -> None:
         self.log = work / "serve.log"
@@ -80,11 +89,7 @@ class Serve:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 30)
 
 
 class Sim:
@@ -101,11 +106,7 @@ class Sim:
             stderr=open(work / f"sim-{prefix}.log", "wb"))
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 60)
 
 
 def wait_online(store: FleetStore, prefix: str, n: int, timeout: float = 300) -> None:

@@ -220,9 +220,9 @@ def _follow(fleet_store, rollout_id: str, as_json: bool):  # noqa: ANN001, ANN20
 
 
 def _counts(devices) -> str:  # noqa: ANN001
-    counts: dict[str, int] = {}
-    for d in devices:
-        counts[d.state] = counts.get(d.state, 0) + 1
+    from edgesdk.fleet.rollouts import count_states
+
+    counts = count_states(devices)
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no devices"
 
 
@@ -237,10 +237,8 @@ def status(
 ) -> None:
     """Waves, devices per state, and each gate's decision with its evidence (the numbers, sample
     counts and cohorts compared). Exits 4 when the rollout halted or was aborted."""
-    from edgesdk.fleet.rollouts import list_rollouts
-
     with open_store(store) as fleet_store:
-        rollout = _find(fleet_store, rollout_id, fleet, list_rollouts)
+        rollout = _find(fleet_store, rollout_id, fleet)
         if as_json:
             print_json(_status_json(fleet_store, rollout.id))
         else:
@@ -249,8 +247,9 @@ def status(
         raise typer.Exit(HALTED_EXIT)
 
 
-def _find(fleet_store, rollout_id: str | None, fleet: str, list_rollouts):  # noqa: ANN001, ANN202
-    from edgesdk.fleet.rollouts import get_rollout
+def _find(fleet_store, rollout_id: str | None, fleet: str):  # noqa: ANN001, ANN202
+    """The rollout ``rollout_id`` names (an id or a unique prefix), or the latest of ``fleet``."""
+    from edgesdk.fleet.rollouts import get_rollout, list_rollouts
 
     if rollout_id is None:
         latest = list_rollouts(fleet_store, fleet, limit=1)
@@ -326,17 +325,17 @@ def _rollout_json(r, devices: int) -> dict[str, Any]:  # noqa: ANN001
 
 
 def _status_json(fleet_store, rollout_id: str) -> dict[str, Any]:  # noqa: ANN001
-    from edgesdk.fleet.rollouts import decisions, get_rollout, rollout_devices, rollout_waves
+    from edgesdk.fleet.rollouts import count_states, decisions, get_rollout, rollout_devices, rollout_waves
 
     r = get_rollout(fleet_store, rollout_id)
     assert r is not None
     devs = rollout_devices(fleet_store, r.id)
     data = _rollout_json(r, len(devs))
     data["spec"] = r.spec.to_dict()
-    data["counts"] = _count_map(devs)
+    data["counts"] = count_states(devs)
     data["waves_detail"] = [{"wave": w.wave + 1, "size": w.size, "sent_at": w.sent_at, "settled_at": w.settled_at,
                              "evaluated_at": w.evaluated_at, "verdict": w.verdict,
-                             "counts": _count_map([d for d in devs if d.wave == w.wave])}
+                             "counts": count_states([d for d in devs if d.wave == w.wave])}
                             for w in rollout_waves(fleet_store, r.id)]
     data["decisions"] = [{"wave": d.wave + 1, "at": d.at, "gate": d.gate, "verdict": d.verdict, "summary": d.summary,
                           "evidence": d.evidence} for d in decisions(fleet_store, r.id)]
@@ -344,13 +343,6 @@ def _status_json(fleet_store, rollout_id: str) -> dict[str, Any]:  # noqa: ANN00
                               "state": d.state, "previous": d.prev_version, "prev_provider": d.prev_provider,
                               "new_provider": d.new_provider, "reason": d.reason} for d in devs]
     return data
-
-
-def _count_map(devices) -> dict[str, int]:  # noqa: ANN001
-    counts: dict[str, int] = {}
-    for d in devices:
-        counts[d.state] = counts.get(d.state, 0) + 1
-    return counts
 
 
 def _status_text(fleet_store, rollout_id: str, with_devices: bool) -> str:  # noqa: ANN001

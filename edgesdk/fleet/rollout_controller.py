@@ -199,7 +199,8 @@ class RolloutController:
     def _watch_activation(self, writer: RolloutWriter, rollout: RolloutRecord, now: float) -> None:
         devices = R.rollout_devices(self.store, rollout.id, rollout.wave)
         pending = [d for d in devices if d.state == R.SENT]
-        rows = self._outcomes(rollout, pending, now) if pending else []
+        fleet = fleet_now(self.store, self.fleet, rollout.model, now)
+        rows = self._outcomes(rollout, pending, fleet, now) if pending else []
         changed = {device_id: values for device_id, values in rows}
         states = [changed.get(d.device_id, {}).get("state", d.state) for d in devices]
         failed = states.count(R.FAILED)
@@ -214,7 +215,6 @@ class RolloutController:
             return
         timed_out = now - (rollout.phase_at or now) >= rollout.spec.activation_timeout_s
         if timed_out:
-            fleet = fleet_now(self.store, self.fleet, rollout.model, now)
             for d in pending:
                 if d.device_id in changed:
                     continue
@@ -234,10 +234,11 @@ class RolloutController:
         elif rows:
             writer.write(devices=rows, now=now)
 
-    def _outcomes(self, rollout: RolloutRecord, pending: list[RolloutDevice], now: float) -> list[tuple[str, dict]]:
-        """Devices of ``pending`` whose outcome is known now: their new rows."""
+    def _outcomes(self, rollout: RolloutRecord, pending: list[RolloutDevice], fleet: dict[str, DeviceNow],
+                  now: float) -> list[tuple[str, dict]]:
+        """Devices of ``pending`` whose outcome is known now (``fleet``: the store's view of each
+        device at ``now``): their new rows."""
         since = min(d.sent_at or now for d in pending) - EVENT_SKEW_S
-        fleet = fleet_now(self.store, self.fleet, rollout.model, now)
         by_device: dict[str, list] = {}
         for e in events_since(self.store, self.fleet, rollout.model, since, [d.device_id for d in pending]):
             by_device.setdefault(e.device_id, []).append(e)
@@ -296,7 +297,7 @@ class RolloutController:
             last = rollout.wave + 1 >= rollout.waves
             wave = (rollout.wave, {"evaluated_at": now, "verdict": PASS})
             if last:
-                counts = _count_states(d.state for d in R.rollout_devices(self.store, rollout.id))
+                counts = R.count_states(R.rollout_devices(self.store, rollout.id))
                 writer.write(rollout={"state": R.COMPLETED, "phase": R.DONE, "finished_at": now, "phase_at": now,
                                       "outcome": f"completed: {_describe_counts(counts)}"},
                              wave=wave, decisions=fresh, now=now)
@@ -364,9 +365,8 @@ class RolloutController:
         if timed_out:
             rows += [(d.device_id, {"state": R.RB_UNCONFIRMED}) for d in waiting if d.device_id not in confirmed]
         if len(confirmed) == len(waiting) or timed_out:
-            final_states = {d.device_id: d.state for d in devices}
-            final_states.update({d: v["state"] for d, v in rows})
-            counts = _count_states(final_states.values())
+            ended = {d: v["state"] for d, v in rows}
+            counts = R.count_states(replace(d, state=ended.get(d.device_id, d.state)) for d in devices)
             final = R.ABORTED if rollout.abort_requested else R.HALTED
             back = counts.get(R.ROLLED_BACK, 0)
             unconfirmed = counts.get(R.RB_UNCONFIRMED, 0)
@@ -419,13 +419,6 @@ class RolloutController:
             if back and (after or never_switched):
                 rows.append((d.device_id, {"state": R.ROLLED_BACK, "rollback_at": now}))
         return rows
-
-
-def _count_states(states: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for state in states:
-        counts[state] = counts.get(state, 0) + 1
-    return counts
 
 
 def _describe_counts(counts: dict[str, int]) -> str:

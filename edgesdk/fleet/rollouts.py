@@ -124,6 +124,14 @@ class Decision:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+def count_states(devices: Iterable[RolloutDevice]) -> dict[str, int]:
+    """How many of ``devices`` are in each state."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d.state] = counts.get(d.state, 0) + 1
+    return counts
+
+
 def new_rollout_id(now: float | None = None) -> str:
     """``ro-YYYYMMDD-xxxxxx``: sortable by day, unique, short enough to type."""
     day = time.strftime("%Y%m%d", time.gmtime(time.time() if now is None else now))
