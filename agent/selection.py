@@ -2,8 +2,11 @@
 
 For every variant in the package and every provider the profile allows for it that the device
 has: open a session (a silent ORT fallback to another provider counts as unavailable), warm up,
-time runs within the candidate's share of the budget, rank by median (ties by profile order),
-then health-check in that order on the package's reference I/O; the first that passes wins.
+time runs within the candidate's share of the budget, rank by median (candidates within the
+``SELECTION_NOISE`` margin of the fastest count as ties, decided by profile order, so identical
+devices choose alike), then health-check in that order on the package's reference I/O; the first
+that passes wins. A device-verified variant (bf16/fp16 compute, `device_gate` in its manifest entry)
+first passes its accuracy gate on the reference data here, or it is not timed at all.
 
 With other models active on the device (``neighbours``), the candidates are timed alone and
 then with the neighbours running (`agent.neighbours`), ranked by the second timing, and each row
@@ -41,12 +44,13 @@ from edgesdk.errors import EdgeError, HealthCheckError, PackageError, RuntimeUna
 from edgesdk.manifest import Manifest
 from edgesdk.npz import NPY_READ_LOCK
 from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
-from edgesdk.validation import health_check
+from edgesdk.validation import device_gate_check, health_check
 
 from agent.metrics import rss_bytes
 from agent.neighbours import Neighbour, NeighbourLoad
 
-SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=...) -> Session
+SessionFactory = Callable[..., Any]  # (path, runtime, provider, options=..., threads=..., cache_dir=...) -> Session
+CacheDirFn = Callable[["Candidate"], "Path | None"]  # where a candidate's compiled engines are kept
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class Candidate:
 @dataclass
 class CandidateResult:
     candidate: Candidate
-    # ok | unavailable | load_failed | health_failed | not_checked | selected | runtime_missing
+    # ok | unavailable | load_failed | gate_failed (a device-verified variant failed its gate here)
+    # | health_failed | not_checked | selected | runtime_missing
     status: str = "pending"
     p50_ms: float | None = None
     p95_ms: float | None = None
@@ -111,7 +116,8 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.chosen.variant, "runtime": self.chosen.runtime, "provider": self.chosen.provider,
                 "cache_key": self.cache_key, "from_cache": self.from_cache, "neighbours": list(self.neighbours),
-                "resident_mb": self.resident_mb, "table": [r.to_dict() for r in self.table]}
+                "resident_mb": self.resident_mb, "noise_threshold": SELECTION_NOISE,
+                "table": [r.to_dict() for r in self.table]}
 
 
 def runtime_missing_rows(manifest: Manifest, available: dict[str, list[str]]) -> list[CandidateResult]:
@@ -190,9 +196,13 @@ def cache_key(package_id: str, hardware_fingerprint: str, runtime_versions: dict
     return hashlib.sha256(raw).hexdigest()
 
 
-def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int | None) -> Any:
+def _open(factory: SessionFactory, install_dir: Path, c: Candidate, threads: int | None,
+          cache_dir_for: CacheDirFn | None = None) -> Any:
     path = path_inside(install_dir, c.file, f"variant {c.variant} file")
-    return factory(path, c.runtime, c.provider, options=c.runtime_options, threads=threads)
+    cache_dir = cache_dir_for(c) if cache_dir_for is not None else None
+    if cache_dir is None:
+        return factory(path, c.runtime, c.provider, options=c.runtime_options, threads=threads)
+    return factory(path, c.runtime, c.provider, options=c.runtime_options, threads=threads, cache_dir=cache_dir)
 
 
 RssProbe = Callable[[], "int | None"]  # bytes resident in this process now, or None when unknown
@@ -208,23 +218,70 @@ def files_mb(install_dir: Path, manifest: Manifest, variant_id: str) -> float:
     return round(total / (1 << 20), 3)
 
 
+# Precisions whose result depends on the device: a variant of one must carry a device gate.
+DEVICE_VERIFIED_PRECISIONS = ("bf16",)
+
+
 def _health(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict], ref_out: list[dict]) -> tuple[bool, str]:
     outputs = [session.run(feeds) for feeds in ref_in]
-    result = health_check(ref_out, outputs, manifest.variant(c.variant).health_tolerance)
+    variant = manifest.variant(c.variant)
+    result = health_check(ref_out, outputs, variant.health_tolerance)
+    if result.passed and variant.device_gate:
+        result = device_gate_check(ref_out, outputs, variant.device_gate)
     return bool(result.passed), "; ".join(result.failures)
+
+
+def _device_verify(session: Any, manifest: Manifest, c: Candidate, ref_in: list[dict],
+                   ref_out: list[dict]) -> str | None:
+    """Why a device-verified candidate fails its gate on this device (None: it passes, or it is
+    not device-verified). Run before the candidate is timed, so a variant that computes wrongly
+    here never competes."""
+    variant = manifest.variant(c.variant)
+    if not variant.device_gate:
+        if variant.precision in DEVICE_VERIFIED_PRECISIONS:
+            return f"a {variant.precision} variant must carry a device gate; this one has none"
+        return None
+    result = device_gate_check(ref_out, [session.run(feeds) for feeds in ref_in], variant.device_gate)
+    return None if result.passed else "; ".join(result.failures)
+
+
+# Two candidates whose medians differ by less than this are equally fast: the profile's order
+# decides between them, so identical devices (and one device re-installing) agree. Interleaved
+# timing on a quiet device repeats within ±2-3 %; a loaded 2-core device ±10-15 % per ratio
+# (docs/benchmarks.md), which is why the margin is not smaller.
+SELECTION_NOISE = 0.05
+
+
+def rank(results: Sequence[CandidateResult], noise: float = SELECTION_NOISE) -> list[CandidateResult]:
+    """The timed candidates in the order they are health-checked: those within ``noise`` of the
+    fastest median first, by profile order; then the rest by median. Each row's ``detail`` says
+    why it stands where it does."""
+    timed = [r for r in results if r.status == "ok" and r.p50_ms is not None]
+    if not timed:
+        return []
+    fastest = min(r.p50_ms for r in timed)
+    band = sorted((r for r in timed if r.p50_ms <= fastest * (1 + noise)), key=lambda r: r.candidate.order)
+    rest = sorted((r for r in timed if r not in band), key=lambda r: (r.p50_ms, r.candidate.order))
+    if len(band) > 1:
+        for r in band:
+            r.detail = (f"{r.p50_ms / fastest:.3f}x the fastest median: within the {noise:.0%} noise "
+                        "margin, ranked by profile order")
+    return band + rest
 
 
 def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]], key: str,
            budget_s: float = 30.0, session_factory: SessionFactory | None = None,
            cached: dict | None = None, threads: int | None = None,
            clock: Callable[[], float] = time.perf_counter, neighbours: Sequence[Neighbour] = (),
-           rss_probe: RssProbe | None = None) -> Selection:
+           rss_probe: RssProbe | None = None, cache_dir_for: CacheDirFn | None = None) -> Selection:
     """Benchmark every candidate within ``budget_s`` and return the fastest healthy one.
 
     ``cached`` is an earlier decision for the same ``key`` (package, hardware, runtime versions):
     its winner is re-opened and health-checked without benchmarking; if that fails, select afresh.
     ``neighbours``: the device's other active models; the candidates are then timed alone and
     beside them (half the budget each), and ranked by the second timing.
+    ``cache_dir_for``: the engine-cache folder of a candidate (None: no cache), passed to the
+    session factory as ``cache_dir``.
     """
     rss = rss_probe or rss_bytes
     names = tuple(n.name for n in neighbours)
@@ -247,7 +304,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         if hit is not None:
             session = None
             try:
-                session = _open(session_factory, install_dir, hit, threads)
+                session = _open(session_factory, install_dir, hit, threads, cache_dir_for)
                 ok, _ = _health(session, manifest, hit, ref_in, ref_out)
                 if ok:
                     table = [CandidateResult(hit, "selected", detail="cached decision",
@@ -266,7 +323,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         c = res.candidate
         before = rss()
         try:
-            session = _open(session_factory, install_dir, c, threads)
+            session = _open(session_factory, install_dir, c, threads, cache_dir_for)
         except RuntimeUnavailableError as exc:  # missing, or ORT silently fell back to another provider
             res.status, res.detail = "unavailable", str(exc)
             continue
@@ -278,6 +335,16 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         except Exception as exc:  # a runtime can fail at run time in many ways; record it, go on
             res.status, res.detail = "load_failed", str(exc) if isinstance(exc, EdgeError) else \
                 f"{type(exc).__name__}: {exc}"
+            session.close()
+            continue
+        try:
+            refused = _device_verify(session, manifest, c, ref_in, ref_out)
+        except HealthCheckError as exc:  # the manifest's gate or reference is unusable
+            refused = str(exc)
+        except Exception as exc:
+            refused = f"{type(exc).__name__}: {exc}"
+        if refused is not None:
+            res.status, res.detail, res.health = "gate_failed", f"device gate: {refused}", False
             session.close()
             continue
         after = rss()
@@ -297,7 +364,7 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         stats = time_interleaved(runners, ref_in[0], warmup=2, max_runs=200, budget_s=budget_s, clock=clock)
     for res, st in zip(timed, stats):
         res.status, res.p50_ms, res.p95_ms, res.runs = "ok", st.p50_ms, st.p95_ms, st.runs
-    ranked = sorted((r for r in results if r.status == "ok"), key=lambda r: (r.p50_ms, r.candidate.order))
+    ranked = rank(results)
     chosen = None
     for res in ranked:
         session = sessions[res.candidate]

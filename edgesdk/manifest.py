@@ -21,6 +21,9 @@ from typing import Any
 from edgesdk.errors import PackageError
 
 SCHEMA_VERSION = 1
+# The gate thresholds a device-verified variant carries (the names of edgesdk.profiles.Gate's fields).
+DEVICE_GATE_KEYS = ("cosine_min", "top1_min", "max_abs_error", "spread_ratio_min")
+HOST_VALIDATIONS = ("computed", "weights-only")
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 REFERENCE_INPUTS = "reference/inputs.npz"
@@ -70,6 +73,16 @@ class Variant:
     host_latency_ms: dict[str, Any] | None = None  # {"p50_ms", "p95_ms", ..., "speedup_vs_fp32"}
     health_tolerance: dict[str, float] = field(default_factory=dict)  # {"cosine_min":..,"max_abs":..}
     size: int = 0  # bytes of all its files
+    # Device-verified variants (bf16/fp16 compute, whose result depends on the device): the profile's
+    # gate for the precision, which the agent applies on the reference data before the variant may
+    # compete. Empty: no device gate (host-validated variants, and packages written before it).
+    device_gate: dict[str, float] = field(default_factory=dict)  # {"cosine_min", "top1_min", ...}
+    # What the host's validation measured: "computed" (it ran the variant's precision) or
+    # "weights-only" (the host cannot compute it, e.g. no BF16: it ran the rounded weights in f32).
+    host_validation: str = "computed"
+    # Nodes an INT8 variant keeps in float on purpose, each {"node": name, "reason": why} (the
+    # detection head's post-processing, a repair's sensitive nodes).
+    float_nodes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -350,6 +363,18 @@ def _variant(v: Any, i: int) -> Variant:
         _expect(value, (int, float), f"{p}health_tolerance.{key}")
         if isinstance(value, int) and abs(value) > 2 ** 53:  # float() of a 400-digit int overflows
             raise PackageError(f"{MANIFEST_NAME}: {p}health_tolerance.{key}: number out of range")
+    device_gate = _opt(v, "device_gate", dict, {}, p)
+    for key, value in device_gate.items():
+        if key not in DEVICE_GATE_KEYS:
+            raise PackageError(f"{MANIFEST_NAME}: {p}device_gate.{_short(key)}: unknown key "
+                               f"(known: {', '.join(DEVICE_GATE_KEYS)})")
+        _expect(value, (int, float), f"{p}device_gate.{key}")
+        if isinstance(value, bool) or (isinstance(value, int) and abs(value) > 2 ** 53):
+            raise PackageError(f"{MANIFEST_NAME}: {p}device_gate.{key}: number out of range")
+    host_validation = _opt(v, "host_validation", str, "computed", p)
+    if host_validation not in HOST_VALIDATIONS:
+        raise PackageError(f"{MANIFEST_NAME}: {p}host_validation: {_short(host_validation)} is not one of "
+                           f"{', '.join(HOST_VALIDATIONS)}")
     quantized = _opt(v, "quantized_nodes", int, 0, p)
     if quantized < 0:
         raise PackageError(f"{MANIFEST_NAME}: {p}quantized_nodes: must not be negative")
@@ -364,6 +389,8 @@ def _variant(v: Any, i: int) -> Variant:
         quantized_nodes=quantized, metrics=_opt(v, "metrics", dict, {}, p), gate=_opt(v, "gate", dict, {}, p),
         remedies=_records(v, "remedies", p), host_latency_ms=host_latency,
         health_tolerance={k: float(x) for k, x in tolerance.items()}, size=_size(v, "size", p),
+        device_gate={k: float(x) for k, x in device_gate.items()}, host_validation=host_validation,
+        float_nodes=_records(v, "float_nodes", p),
     )
 
 

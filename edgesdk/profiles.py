@@ -33,26 +33,36 @@ KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
     "litert": ("XNNPACK", "CPU"),
 }
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
 class VariantKind:
-    """What a variant kind is built into: file format, runtime that runs it, and precision."""
+    """What a variant kind is built into: file format, runtime that runs it, and precision.
+
+    ``device_verified``: the precision the variant computes in depends on the device (bf16 needs
+    AVX512-BF16/AMX, fp16 compute needs ARMv8.2/GPU/NPU), so the host's validation may have
+    measured only the weight rounding. Such a variant carries its gate in the manifest
+    (``device_gate``) and the agent applies it on the package's reference data before the variant
+    may compete (docs/target-profiles.md, "Device-verified variants").
+    """
 
     format: str
     runtime: str
     precision: str
+    device_verified: bool = False
 
 
 # The variant kinds the packager knows how to build. Profiles name these under `variants`.
 VARIANT_KINDS: dict[str, VariantKind] = {
     "onnx-fp32": VariantKind("onnx", "onnxruntime", "fp32"),
-    "onnx-fp16": VariantKind("onnx", "onnxruntime", "fp16"),
+    "onnx-fp16": VariantKind("onnx", "onnxruntime", "fp16", device_verified=True),
     "onnx-int8": VariantKind("onnx", "onnxruntime", "int8"),  # static QDQ with calibration
     "onnx-int8-dynamic": VariantKind("onnx", "onnxruntime", "int8"),  # MatMul-heavy graphs only
     "openvino-fp32": VariantKind("openvino-ir", "openvino", "fp32"),
-    "openvino-fp16": VariantKind("openvino-ir", "openvino", "fp16"),
+    "openvino-fp16": VariantKind("openvino-ir", "openvino", "fp16", device_verified=True),
+    # fp16-compressed IR run with inference precision bf16 (AVX512-BF16/AMX CPUs only)
+    "openvino-bf16": VariantKind("openvino-ir", "openvino", "bf16", device_verified=True),
     "openvino-int8": VariantKind("openvino-ir", "openvino", "int8"),  # NNCF post-training
     "tflite": VariantKind("tflite", "litert", "native"),  # .tflite input passed through
 }
@@ -71,6 +81,7 @@ VARIANT_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "onnx-int8-dynamic": {"min_matmul_fraction": (int, float)},
     "openvino-fp32": {},
     "openvino-fp16": {},
+    "openvino-bf16": {},
     "openvino-int8": {"preset": str, "subset_size": int},
     "tflite": {},
 }
@@ -140,6 +151,10 @@ class TargetProfile:
     aliases: tuple[str, ...] = ()  # other names `--target` takes for the family ("rpi" for raspberry-pi)
 
     def gate_for(self, precision: str) -> Gate:
+        """The gate of ``precision``; bf16 without a gate of its own takes fp16's (both keep an
+        8-bit exponent or more and round the mantissa), anything else without one fp32's."""
+        if precision == "bf16" and "bf16" not in self.gates:
+            precision = "fp16"
         return self.gates.get(precision) or self.gates.get("fp32") or Gate()
 
     def providers_for(self, runtime: str, precision: str) -> list[ProviderSpec]:

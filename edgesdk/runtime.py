@@ -198,11 +198,16 @@ class Session:
 
 
 def open_session(path: str | Path, runtime: str, provider: str, options: Mapping[str, Any] | None = None,
-                 threads: int | None = None, *, max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS) -> Session:
+                 threads: int | None = None, *, max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS,
+                 cache_dir: str | Path | None = None) -> Session:
     """Load ``path`` on ``runtime``/``provider``; raise RuntimeUnavailableError if that cannot run here.
 
     ``max_parallel_runs`` bounds the OpenVINO infer requests the session creates for concurrent
     callers (see the module docstring); the other runtimes do not need it.
+    ``cache_dir``: a folder for compiled engines, so the next session of the same model on the same
+    machine starts faster: OpenVINO's ``CACHE_DIR`` (compiled blobs), ONNX Runtime TensorRT's
+    engine and timing caches. The caller keys it (package, variant, hardware, runtime versions);
+    runtimes and providers without such a cache ignore it.
     """
     if runtime not in RUNTIMES:
         raise RuntimeUnavailableError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
@@ -224,10 +229,12 @@ def open_session(path: str | Path, runtime: str, provider: str, options: Mapping
     if provider not in available[runtime]:
         raise RuntimeUnavailableError(f"{runtime} provider {provider} is not available here "
                                       f"(available: {', '.join(available[runtime]) or 'none'})")
+    cache = Path(cache_dir) if cache_dir is not None else None
     if runtime == "openvino":
-        return _open_openvino(path, provider, options, threads, max_parallel_runs)
-    opener = {"onnxruntime": _open_ort, "litert": _open_litert}[runtime]
-    return opener(path, provider, options, threads)
+        return _open_openvino(path, provider, options, threads, max_parallel_runs, cache)
+    if runtime == "onnxruntime":
+        return _open_ort(path, provider, options, threads, cache)
+    return _open_litert(path, provider, options, threads)
 
 
 # -- onnxruntime ----------------------------------------------------------------------------------
@@ -277,7 +284,21 @@ class _OrtSession(Session):
         self._session = None
 
 
-def _open_ort(path: Path, provider: str, options: dict[str, Any], threads: int | None) -> Session:
+# TensorRT provider options that make its engines and tactic timings persist in a cache folder.
+TRT_CACHE_OPTIONS = ("trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
+                     "trt_timing_cache_path")
+
+
+def ort_cache_options(provider: str, cache_dir: Path | None) -> dict[str, Any]:
+    """Provider options that keep ``provider``'s compiled engines in ``cache_dir`` (TensorRT only)."""
+    if cache_dir is None or provider != "TensorrtExecutionProvider":
+        return {}
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}
+
+
+def _open_ort(path: Path, provider: str, options: dict[str, Any], threads: int | None,
+              cache_dir: Path | None = None) -> Session:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -296,6 +317,9 @@ def _open_ort(path: Path, provider: str, options: dict[str, Any], threads: int |
     provider_options = options.get("provider_options")
     if provider_options is not None and not isinstance(provider_options, dict):
         raise ConfigError("onnxruntime option provider_options must be a mapping")
+    provider_options = {**(provider_options or {}), **ort_cache_options(provider, cache_dir)}
+    if provider_options:
+        config["provider_options"] = dict(provider_options)
     # CPU is listed only when it is the request: ORT appends it anyway, and we must see a fallback.
     providers: list[Any] = [(provider, dict(provider_options)) if provider_options else provider]
     try:
@@ -400,8 +424,24 @@ class _OpenVinoSession(Session):
         self.compiled = None
 
 
+# OPTIMIZATION_CAPABILITIES a device must list to compute in a precision natively. Without it,
+# OpenVINO silently runs f32 instead: a bf16 variant would then be an fp32 one timed twice.
+OV_PRECISION_CAPABILITY = {"bf16": "BF16"}
+
+
+def openvino_computes(provider: str, hint: str) -> bool:
+    """Whether OpenVINO ``provider`` computes natively in precision ``hint`` on this machine."""
+    needed = OV_PRECISION_CAPABILITY.get(hint)
+    if needed is None:
+        return True
+    try:
+        return needed in set(_ov_core().get_property(provider, "OPTIMIZATION_CAPABILITIES"))
+    except RuntimeError:
+        return False
+
+
 def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: int | None,
-                   max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS) -> Session:
+                   max_parallel_runs: int = DEFAULT_MAX_PARALLEL_RUNS, cache_dir: Path | None = None) -> Session:
     if path.suffix not in (".xml", ".onnx"):
         raise ModelError(f"{path}: openvino runs .xml IR or .onnx files, not {path.suffix or 'no suffix'}")
     core = _ov_core()
@@ -427,9 +467,15 @@ def _open_openvino(path: Path, provider: str, options: dict[str, Any], threads: 
         supported = set(config)
     if "INFERENCE_PRECISION_HINT" in config and "INFERENCE_PRECISION_HINT" not in supported:
         raise RuntimeUnavailableError(f"openvino {provider} does not take INFERENCE_PRECISION_HINT {hint}")
+    if hint is not None and not openvino_computes(provider, hint):
+        raise RuntimeUnavailableError(f"openvino {provider} cannot compute in {hint} here (no "
+                                      f"{OV_PRECISION_CAPABILITY[hint]} in its OPTIMIZATION_CAPABILITIES)")
     config = {k: v for k, v in config.items() if k in supported}  # e.g. NPU has no thread count
+    if cache_dir is not None:  # a Core property every device takes (not in a device's SUPPORTED_PROPERTIES)
+        config["CACHE_DIR"] = str(cache_dir)
     try:
-        model = core.read_model(str(path))
+        # With a cache, compile from the path: a cache hit then skips reading the model at all.
+        model = str(path) if cache_dir is not None else core.read_model(str(path))
     except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
         raise ModelError(f"{path}: openvino cannot read the model: {_first_line(exc)}") from exc
     try:

@@ -239,11 +239,13 @@ def _channel_stats(arrays: list[np.ndarray], axis: int | None) -> tuple[np.ndarr
 
 # -- gating ---------------------------------------------------------------------------------------
 def evaluate_gate(metrics: Mapping[str, OutputMetrics], gate: Gate,
-                  task: tuple[float, float] | None = None) -> GateResult:
+                  task: tuple[float, float] | None = None, forgive_disagreements: int = 0) -> GateResult:
     """Check every output against ``gate``; ``task`` is (reference, variant) score, higher is better.
 
     Integer outputs (labels) are gated on exact match against top1_min, not on cosine or absolute
-    error: a label's cosine or "error" in label units means nothing.
+    error: a label's cosine or "error" in label units means nothing. ``forgive_disagreements``:
+    top-1/exact agreement below top1_min passes when at most this many positions differ (the
+    device's small reference set, where one near-tie swings agreement by 1/N).
     """
     failures: list[str] = []
     for name, m in metrics.items():
@@ -251,8 +253,9 @@ def evaluate_gate(metrics: Mapping[str, OutputMetrics], gate: Gate,
         if m.nonfinite:
             failures.append(f"{where}: {m.nonfinite} nonfinite values (NaN/Inf)")
             continue
+        forgiven = m.disagreements <= forgive_disagreements
         if m.exact_match is not None:
-            if gate.top1_min is not None and m.exact_match < gate.top1_min:
+            if gate.top1_min is not None and m.exact_match < gate.top1_min and not forgiven:
                 failures.append(f"{where}: exact match {m.exact_match:.4f} < {gate.top1_min}")
             continue
         if not m.cosine >= gate.cosine_min:
@@ -260,7 +263,7 @@ def evaluate_gate(metrics: Mapping[str, OutputMetrics], gate: Gate,
         if gate.max_abs_error is not None and m.max_abs_error > gate.max_abs_error:
             failures.append(f"{where}: max abs error {m.max_abs_error:.4g} > {gate.max_abs_error}")
         if (m.class_like and gate.top1_min is not None and m.top1_agreement is not None
-                and m.top1_agreement < gate.top1_min):
+                and m.top1_agreement < gate.top1_min and not forgiven):
             failures.append(f"{where}: top-1 agreement {m.top1_agreement:.4f} < {gate.top1_min}")
         if m.min_spread_ratio is not None and m.min_spread_ratio < gate.spread_ratio_min:
             # collapsed_channels was counted at compare time; its threshold may differ from this gate's
@@ -319,19 +322,9 @@ def health_check(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs
     not numeric arrays by name, or a tolerance value that is not a finite number.
     """
     tolerance = _check_tolerance(tolerance)
-    _check_reference(reference_outputs)
-    if len(outputs) != len(reference_outputs) or not all(isinstance(o, Mapping) for o in outputs):
-        return HealthResult(passed=False, failures=[
-            f"the candidate gave {len(outputs)} results for {len(reference_outputs)} reference samples"
-            if len(outputs) != len(reference_outputs) else "a candidate result is not a mapping of outputs"],
-            details={"tolerance": dict(tolerance)})
-    try:
-        metrics = compare_outputs(reference_outputs, outputs)
-    except PackagingError as exc:  # the reference was checked above: the candidate's outputs differ
-        return HealthResult(passed=False, failures=[str(exc)], details={"tolerance": dict(tolerance)})
-    except (TypeError, ValueError) as exc:  # numpy on a candidate output it cannot convert
-        return HealthResult(passed=False, failures=[f"candidate outputs cannot be compared: {exc}"],
-                            details={"tolerance": dict(tolerance)})
+    metrics = _device_metrics(reference_outputs, outputs, {"tolerance": dict(tolerance)})
+    if isinstance(metrics, HealthResult):
+        return metrics
     failures: list[str] = []
     cos_min, abs_max, top1_min = (tolerance.get(k) for k in ("cosine_min", "max_abs", "top1_min"))
     for name, m in metrics.items():
@@ -351,7 +344,62 @@ def health_check(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs
     return HealthResult(passed=not failures, failures=failures, details=details)
 
 
+def _device_metrics(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs], details: dict[str, Any],
+                    spread_ratio_min: float = SPREAD_RATIO_MIN) -> dict[str, OutputMetrics] | HealthResult:
+    """The candidate's metrics against the package's reference, or the failed result saying why
+    they cannot be computed (a candidate that gives other outputs fails; a bad reference raises)."""
+    _check_reference(reference_outputs)
+    if len(outputs) != len(reference_outputs) or not all(isinstance(o, Mapping) for o in outputs):
+        return HealthResult(passed=False, failures=[
+            f"the candidate gave {len(outputs)} results for {len(reference_outputs)} reference samples"
+            if len(outputs) != len(reference_outputs) else "a candidate result is not a mapping of outputs"],
+            details=details)
+    try:
+        return compare_outputs(reference_outputs, outputs, spread_ratio_min=spread_ratio_min)
+    except PackagingError as exc:  # the reference was checked above: the candidate's outputs differ
+        return HealthResult(passed=False, failures=[str(exc)], details=details)
+    except (TypeError, ValueError) as exc:  # numpy on a candidate output it cannot convert
+        return HealthResult(passed=False, failures=[f"candidate outputs cannot be compared: {exc}"],
+                            details=details)
+
+
+def device_gate_check(reference_outputs: Sequence[Outputs], outputs: Sequence[Outputs],
+                      device_gate: Mapping[str, float]) -> HealthResult:
+    """The accuracy gate of a device-verified variant, applied on the device to what it computes.
+
+    ``device_gate`` is the manifest's (the profile's gate for the precision: cosine_min, top1_min,
+    max_abs_error, spread_ratio_min). The same `evaluate_gate` the packager applies, on the
+    package's reference samples, forgiving a single top-1 flip (see `evaluate_gate`). Raises
+    `HealthCheckError` on a gate value that is not a finite number or a reference that is not usable.
+    """
+    from edgesdk.profiles import Gate  # profiles is data loading; validation stays importable alone
+
+    gate_values: dict[str, float] = {}
+    for key in ("cosine_min", "top1_min", "max_abs_error", "spread_ratio_min"):
+        if key in device_gate:
+            gate_values[key] = _finite_number(device_gate[key], f"device gate {key}")
+    gate = Gate(**gate_values)
+    details: dict[str, Any] = {"device_gate": dict(gate_values)}
+    metrics = _device_metrics(reference_outputs, outputs, details, gate.spread_ratio_min)
+    if isinstance(metrics, HealthResult):
+        return metrics
+    result = evaluate_gate(metrics, gate, forgive_disagreements=1)
+    details["outputs"] = {name: m.to_dict() for name, m in metrics.items()}
+    return HealthResult(passed=result.passed, failures=list(result.failures), details=details)
+
+
 HEALTH_TOLERANCE_KEYS = ("cosine_min", "max_abs", "top1_min")
+
+
+def _finite_number(value: Any, what: str) -> float:
+    """``value`` from a package as a finite float (not a bool or a string), else HealthCheckError."""
+    try:
+        number = float(value) if not isinstance(value, (bool, np.bool_, str, bytes)) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise HealthCheckError(f"health check: {what} must be a finite number, got {str(value)[:40]!r}")
+    return number
 
 
 def _check_tolerance(tolerance: Any) -> dict[str, float]:
@@ -362,14 +410,7 @@ def _check_tolerance(tolerance: Any) -> dict[str, float]:
     for key in HEALTH_TOLERANCE_KEYS:
         if key not in tolerance:
             continue
-        value = tolerance[key]
-        try:
-            number = float(value) if not isinstance(value, (bool, np.bool_, str, bytes)) else math.nan
-        except (TypeError, ValueError, OverflowError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise HealthCheckError(f"health check: tolerance {key} must be a finite number, got {str(value)[:40]!r}")
-        checked[key] = number
+        checked[key] = _finite_number(tolerance[key], f"tolerance {key}")
     return checked
 
 

@@ -39,6 +39,7 @@ class Attempt:
     task: tuple[float, float] | None = None
     session: Any = None
     remedies: list[dict] = field(default_factory=list)
+    host_validation: str = "computed"  # or "weights-only": the host could not compute its precision
 
 
 AttemptFn = Callable[[dict, tuple[str, ...], str], Attempt]

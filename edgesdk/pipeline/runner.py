@@ -7,6 +7,7 @@ failed run leaves nothing behind in the output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -21,7 +22,7 @@ from edgesdk import __version__
 from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import (ConfigError, GateFailedError, ModelError, PackagingError, RuntimeUnavailableError,
                             UnsupportedModelError)
-from edgesdk.manifest import Manifest, TensorSpec, Variant, runtimes_of
+from edgesdk.manifest import DEVICE_GATE_KEYS, Manifest, TensorSpec, Variant, runtimes_of
 from edgesdk.package import package_filename, write_package
 from edgesdk.pipeline import calibration, evaluation
 from edgesdk.pipeline.model_io import (LoadedModel, load_model, model_inputs, ops_unsupported,
@@ -32,7 +33,7 @@ from edgesdk.pipeline.shapes import fix_input_shapes
 from edgesdk.pipeline.simplify import simplify
 from edgesdk.pipeline.variant_build import VariantNotApplicable, build_variant
 from edgesdk.profiles import VARIANT_KINDS, TargetProfile, VariantSpec
-from edgesdk.runtime import Session, open_session, runtime_versions
+from edgesdk.runtime import Session, open_session, openvino_computes, runtime_versions
 from edgesdk.signing import PRIVATE_NAME, default_key_dir, generate_keys, load_private_key
 from edgesdk.validation import compare_outputs, evaluate_gate, health_tolerance
 
@@ -59,6 +60,9 @@ class PackageRequest:
     strict: bool = False  # any dropped variant fails the run
     bench_runs: int = 30  # host benchmark runs per variant (informational)
     reference_samples: int = 4  # samples shipped for the device's health check
+    # ... at least this many when a variant is device-verified: the device applies the accuracy
+    # gate on them (cosine, top-1, collapse), which needs more samples than a health check.
+    device_reference_samples: int = 16
     synthetic_samples: int = 32
     repair_budget_s: float = 60.0  # time the repair of one failing INT8 variant may take
 
@@ -196,10 +200,21 @@ class _Pipeline:
         return None
 
     def validate(self, attempt: Attempt) -> Attempt:
-        """Run a built variant on the validation samples and gate it against the reference."""
+        """Run a built variant on the validation samples and gate it against the reference.
+
+        A device-verified variant whose precision this host cannot compute (bf16 without
+        AVX512-BF16) is run with its rounded weights in f32: that catches what the weights lose,
+        and the device applies the gate to what it computes (``host_validation: weights-only``).
+        """
         built = attempt.built
         provider = HOST_PROVIDER[built.runtime]
-        session = open_session(built.files[0], built.runtime, provider, options=built.runtime_options)
+        options = dict(built.runtime_options)
+        hint = options.get("inference_precision_hint")
+        attempt.host_validation = "computed"
+        if built.runtime == "openvino" and hint and not openvino_computes(provider, hint):
+            options["inference_precision_hint"] = "f32"
+            attempt.host_validation = "weights-only"
+        session = open_session(built.files[0], built.runtime, provider, options=options)
         outputs = _run_all(session, self.data.validation)
         gate = self.profile.gate_for("fp32" if built.precision == "native" else built.precision)
         metrics = compare_outputs(self.reference_outputs, outputs, spread_ratio_min=gate.spread_ratio_min)
@@ -316,7 +331,10 @@ def build_package(req: PackageRequest, reporter: Reporter | None = None) -> Pack
         if req.strict and pipe.dropped:
             raise GateFailedError("--strict: " + "; ".join(f"{d['id']} {d['reason']}" for d in pipe.dropped))
         variants, files = _benchmark_and_describe(pipe, accepted, reporter)
-        ref_count = min(req.reference_samples, len(pipe.data.validation))
+        wanted = req.reference_samples
+        if any(VARIANT_KINDS[a.built.kind].device_verified for a in accepted):
+            wanted = max(wanted, req.device_reference_samples)
+        ref_count = min(wanted, len(pipe.data.validation))
         ref_dir = work / "reference"
         ref_dir.mkdir()
         _save_npz(ref_dir / "inputs.npz", pipe.data.validation[:ref_count])
@@ -382,14 +400,21 @@ def _benchmark_and_describe(pipe: _Pipeline, accepted: list[Attempt],
                    "samples": len(pipe.data.validation), "synthetic": pipe.data.synthetic}
         if attempt.task is not None:
             metrics["task"] = {"name": pipe.evaluator_name, "reference": attempt.task[0], "variant": attempt.task[1]}
+        kind = VARIANT_KINDS[built.kind]
+        gate = profile.gate_for(built.precision)
+        device_gate = ({k: v for k, v in dataclasses.asdict(gate).items()
+                        if k in DEVICE_GATE_KEYS and v is not None} if kind.device_verified else {})
+        if attempt.host_validation == "weights-only":
+            latency["note"] = f"this host cannot compute {built.precision}: timed in f32"
         variants.append(Variant(
-            id=vid, kind=built.kind, format=VARIANT_KINDS[built.kind].format,
+            id=vid, kind=built.kind, format=kind.format,
             precision=built.precision, runtime=built.runtime, file=rel[0], files=rel,
             providers=[p.provider for p in profile.providers_for(built.runtime, built.precision)],
             runtime_options=dict(built.runtime_options), quantized_nodes=built.quantized_nodes,
             metrics=metrics, gate=attempt.gate.to_dict(), remedies=attempt.remedies,
             host_latency_ms=latency, health_tolerance=health_tolerance(attempt.metrics),
             size=sum(os.path.getsize(p) for p in built.files),
+            device_gate=device_gate, host_validation=attempt.host_validation,
         ))
         reporter.info(f"{vid}: p50 {stats.p50_ms:.3f} ms ({latency['speedup_vs_fp32']}× fp32 ORT)")
     reporter.end("host benchmark")

@@ -209,7 +209,7 @@ BAD_PROFILES = [
     ("provider-of-another-runtime",
      with_change(("providers", 0), {"runtime": "openvino", "provider": "CPUExecutionProvider"}),
      "providers[0].provider"),
-    ("unknown-provider-precision", with_change(("providers", 0, "precisions"), ["bf16"]), "providers[0].precisions"),
+    ("unknown-provider-precision", with_change(("providers", 0, "precisions"), ["fp8"]), "providers[0].precisions"),
     ("unknown-variant-kind", with_change(("variants", 0), "onnx-int4"), "variants[0].kind"),
     ("variant-no-provider-runs", with_change(("variants",), ["onnx-fp32", "openvino-fp16"]), "variants[1].kind"),
     ("variant-excluded-by-provider-precisions",
