@@ -43,6 +43,7 @@ from edgesdk.benchmark import time_interleaved
 from edgesdk.errors import EdgeError, HealthCheckError, PackageError, RuntimeUnavailableError, map_os_errors
 from edgesdk.manifest import Manifest
 from edgesdk.npz import NPY_READ_LOCK
+from edgesdk.protocol.selection_hint import SELECTION_NOISE, SelectionHint, order_within_noise
 from edgesdk.runtime_extras import RUNTIME_EXTRAS, missing_hint
 from edgesdk.validation import device_gate_check, health_check
 
@@ -103,6 +104,8 @@ class Selection:
     cache_key: str
     from_cache: bool = False
     neighbours: tuple[str, ...] = ()  # the other active models the timing ran beside
+    from_hint: bool = False  # started from the fleet's ranking and confirmed its top candidates
+    hint_devices: int = 0  # how many devices that ranking came from
 
     @property
     def chosen_row(self) -> CandidateResult | None:
@@ -116,6 +119,7 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.chosen.variant, "runtime": self.chosen.runtime, "provider": self.chosen.provider,
                 "cache_key": self.cache_key, "from_cache": self.from_cache, "neighbours": list(self.neighbours),
+                "from_hint": self.from_hint, "hint_devices": self.hint_devices,
                 "resident_mb": self.resident_mb, "noise_threshold": SELECTION_NOISE,
                 "table": [r.to_dict() for r in self.table]}
 
@@ -245,45 +249,47 @@ def _device_verify(session: Any, manifest: Manifest, c: Candidate, ref_in: list[
     return None if result.passed else "; ".join(result.failures)
 
 
-# Two candidates whose medians differ by less than this are equally fast: the profile's order
-# decides between them, so identical devices (and one device re-installing) agree. Interleaved
-# timing on a quiet device repeats within ±2-3 %; a loaded 2-core device ±10-15 % per ratio
-# (docs/benchmarks.md), which is why the margin is not smaller.
-SELECTION_NOISE = 0.05
-
-
-def rank(results: Sequence[CandidateResult], noise: float = SELECTION_NOISE) -> list[CandidateResult]:
+def rank(results: Sequence[CandidateResult], noise: float = SELECTION_NOISE,
+         preference: Callable[[CandidateResult], Any] | None = None) -> list[CandidateResult]:
     """The timed candidates in the order they are health-checked: those within ``noise`` of the
-    fastest median first, by profile order; then the rest by median. Each row's ``detail`` says
-    why it stands where it does."""
+    fastest median first, by ``preference`` (default: profile order); then the rest by median.
+    Tied rows' ``detail`` says why they stand where they do."""
     timed = [r for r in results if r.status == "ok" and r.p50_ms is not None]
-    if not timed:
-        return []
-    fastest = min(r.p50_ms for r in timed)
-    band = sorted((r for r in timed if r.p50_ms <= fastest * (1 + noise)), key=lambda r: r.candidate.order)
-    rest = sorted((r for r in timed if r not in band), key=lambda r: (r.p50_ms, r.candidate.order))
+    band, rest = order_within_noise(timed, lambda r: r.p50_ms, preference or (lambda r: r.candidate.order), noise)
     if len(band) > 1:
+        fastest = min(r.p50_ms for r in band)
+        why = "the fleet's ranking" if preference is not None else "profile order"
         for r in band:
             r.detail = (f"{r.p50_ms / fastest:.3f}x the fastest median: within the {noise:.0%} noise "
-                        "margin, ranked by profile order")
+                        f"margin, ranked by {why}")
     return band + rest
+
+
+# With the fleet's ranking for this hardware class: how many of its top candidates the device
+# confirms, and the share of the selection budget it spends on them.
+HINT_CONFIRM = 2
+HINT_BUDGET_FRACTION = 0.25
 
 
 def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]], key: str,
            budget_s: float = 30.0, session_factory: SessionFactory | None = None,
            cached: dict | None = None, threads: int | None = None,
            clock: Callable[[], float] = time.perf_counter, neighbours: Sequence[Neighbour] = (),
-           rss_probe: RssProbe | None = None, cache_dir_for: CacheDirFn | None = None) -> Selection:
+           rss_probe: RssProbe | None = None, cache_dir_for: CacheDirFn | None = None,
+           hint: SelectionHint | None = None) -> Selection:
     """Benchmark every candidate within ``budget_s`` and return the fastest healthy one.
 
     ``cached`` is an earlier decision for the same ``key`` (package, hardware, runtime versions):
     its winner is re-opened and health-checked without benchmarking; if that fails, select afresh.
+    ``hint``: the fleet's ranking for this device's hardware class and runtime versions (the caller
+    checks that it applies): only its top ``HINT_CONFIRM`` candidates are timed, within
+    ``HINT_BUDGET_FRACTION`` of the budget, and ties within the noise margin go the fleet's way;
+    when none of them passes here, every candidate is searched as without a hint.
     ``neighbours``: the device's other active models; the candidates are then timed alone and
     beside them (half the budget each), and ranked by the second timing.
     ``cache_dir_for``: the engine-cache folder of a candidate (None: no cache), passed to the
     session factory as ``cache_dir``.
     """
-    rss = rss_probe or rss_bytes
     names = tuple(n.name for n in neighbours)
     if session_factory is None:
         from edgesdk.runtime import open_session as session_factory  # lazy: imports onnxruntime
@@ -298,6 +304,8 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         raise HealthCheckError(f"no variant of {manifest.name} {manifest.version} can run here: the package needs "
                                + ", ".join(sorted({f"{m['runtime']}:{m['provider']}" for m in missing})) + hints)
     ref_in, ref_out = load_reference(install_dir, manifest)
+    search = _Search(manifest, install_dir, session_factory, threads, cache_dir_for, ref_in, ref_out,
+                     clock, neighbours, rss_probe or rss_bytes)
     if cached and cached.get("cache_key") == key:
         hit = next((c for c in candidates if (c.variant, c.runtime, c.provider)
                     == (cached.get("variant"), cached.get("runtime"), cached.get("provider"))), None)
@@ -314,31 +322,108 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
                 session.close()
             except PackageError:
                 raise  # the package itself is hostile or broken: no fresh selection can help
-            except Exception:  # a runtime raises its own types too; any failure means select afresh
+            except Exception:  # a runtime can raise its own types too; any failure means select afresh
                 if session is not None:
                     session.close()
-    results = [CandidateResult(c) for c in candidates]
-    sessions: dict[Candidate, Any] = {}
-    for res in results:
+    if hint is not None:
+        position = {(r.variant, r.provider): i for i, r in enumerate(hint.ranking)}
+        top = sorted((c for c in candidates if (c.variant, c.provider) in position),
+                     key=lambda c: position[(c.variant, c.provider)])[:HINT_CONFIRM]
+        if top:
+            results, chosen, session = search.run(top, budget_s * HINT_BUDGET_FRACTION,
+                                                  lambda r: position[(r.candidate.variant, r.candidate.provider)])
+            if chosen is not None:
+                rest = [CandidateResult(c, "not_checked", detail=f"not timed: the fleet's ranking for this hardware "
+                                        f"class ({hint.devices} devices) has it below its top {len(top)}")
+                        for c in candidates if c not in top]
+                return Selection(chosen, session, results + rest + absent, key, neighbours=names,
+                                 from_hint=True, hint_devices=hint.devices)
+    results, chosen, session = search.run(candidates, budget_s, None)
+    if chosen is None:
+        summary = "; ".join(f"{r.candidate.variant}@{r.candidate.provider}: {r.status} {r.detail}".strip()
+                            for r in results + absent)
+        raise HealthCheckError(f"no candidate passed the health check ({summary})")
+    return Selection(chosen, session, results + absent, key, neighbours=names)
+
+
+@dataclass
+class _Search:
+    """Open, verify, time and health-check a set of candidates (one selection's fixed context)."""
+
+    manifest: Manifest
+    install_dir: Path
+    factory: SessionFactory
+    threads: int | None
+    cache_dir_for: CacheDirFn | None
+    ref_in: list[dict]
+    ref_out: list[dict]
+    clock: Callable[[], float]
+    neighbours: Sequence[Neighbour]
+    rss: RssProbe
+
+    def run(self, candidates: Sequence[Candidate], budget_s: float,
+            preference: Callable[[CandidateResult], Any] | None) -> tuple[list[CandidateResult], Candidate | None, Any]:
+        """(every candidate's row, the winner or None, the winner's open session or None). Every
+        other session is closed."""
+        results = [CandidateResult(c) for c in candidates]
+        sessions = {r.candidate: s for r in results if (s := self._open_verified(r)) is not None}
+        timed = [r for r in results if r.candidate in sessions]
+        # Interleaved rounds, so a change of load during selection does not pick the winner.
+        runners = [sessions[r.candidate] for r in timed]
+        feeds = self.ref_in[0]
+        if self.neighbours and runners:
+            alone = time_interleaved(runners, feeds, warmup=2, max_runs=100, budget_s=budget_s / 2, clock=self.clock)
+            with NeighbourLoad(self.neighbours):
+                stats = time_interleaved(runners, feeds, warmup=2, max_runs=100, budget_s=budget_s / 2,
+                                         clock=self.clock)
+            for res, st in zip(timed, alone):
+                res.p50_alone_ms = st.p50_ms
+        else:
+            stats = time_interleaved(runners, feeds, warmup=2, max_runs=200, budget_s=budget_s, clock=self.clock)
+        for res, st in zip(timed, stats):
+            res.status, res.p50_ms, res.p95_ms, res.runs = "ok", st.p50_ms, st.p95_ms, st.runs
+        chosen = None
+        for res in rank(results, preference=preference):
+            if chosen is not None:
+                res.status = "not_checked"
+                continue
+            try:
+                ok, detail = _health(sessions[res.candidate], self.manifest, res.candidate, self.ref_in, self.ref_out)
+            except Exception as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            res.health = ok
+            if ok:
+                res.status = "selected"
+                chosen = res.candidate
+            else:
+                res.status, res.detail = "health_failed", detail
+        for c, session in sessions.items():
+            if c != chosen:
+                session.close()
+        return results, chosen, sessions.get(chosen) if chosen is not None else None
+
+    def _open_verified(self, res: CandidateResult) -> Any:
+        """The candidate's session, run once and (device-verified variants) gated; None when it
+        cannot compete here, with the row saying why."""
         c = res.candidate
-        before = rss()
+        before = self.rss()
         try:
-            session = _open(session_factory, install_dir, c, threads, cache_dir_for)
+            session = _open(self.factory, self.install_dir, c, self.threads, self.cache_dir_for)
         except RuntimeUnavailableError as exc:  # missing, or ORT silently fell back to another provider
             res.status, res.detail = "unavailable", str(exc)
-            continue
+            return None
         except EdgeError as exc:
             res.status, res.detail = "load_failed", str(exc)
-            continue
+            return None
         try:
-            session.run(ref_in[0])  # a candidate that cannot run the reference input is out now
+            session.run(self.ref_in[0])  # a candidate that cannot run the reference input is out now
         except Exception as exc:  # a runtime can fail at run time in many ways; record it, go on
             res.status, res.detail = "load_failed", str(exc) if isinstance(exc, EdgeError) else \
                 f"{type(exc).__name__}: {exc}"
             session.close()
-            continue
+            return None
         try:
-            refused = _device_verify(session, manifest, c, ref_in, ref_out)
+            refused = _device_verify(session, self.manifest, c, self.ref_in, self.ref_out)
         except HealthCheckError as exc:  # the manifest's gate or reference is unusable
             refused = str(exc)
         except Exception as exc:
@@ -346,49 +431,11 @@ def select(manifest: Manifest, install_dir: Path, available: dict[str, list[str]
         if refused is not None:
             res.status, res.detail, res.health = "gate_failed", f"device gate: {refused}", False
             session.close()
-            continue
-        after = rss()
+            return None
+        after = self.rss()
         grew = (after - before) / (1 << 20) if before is not None and after is not None else 0.0
-        res.resident_mb = round(max(grew, files_mb(install_dir, manifest, c.variant)), 3)
-        sessions[c] = session
-    timed = [r for r in results if r.candidate in sessions]
-    # Interleaved rounds, so a change of load during selection does not pick the winner.
-    runners = [sessions[r.candidate] for r in timed]
-    if neighbours and runners:
-        alone = time_interleaved(runners, ref_in[0], warmup=2, max_runs=100, budget_s=budget_s / 2, clock=clock)
-        with NeighbourLoad(neighbours):
-            stats = time_interleaved(runners, ref_in[0], warmup=2, max_runs=100, budget_s=budget_s / 2, clock=clock)
-        for res, st in zip(timed, alone):
-            res.p50_alone_ms = st.p50_ms
-    else:
-        stats = time_interleaved(runners, ref_in[0], warmup=2, max_runs=200, budget_s=budget_s, clock=clock)
-    for res, st in zip(timed, stats):
-        res.status, res.p50_ms, res.p95_ms, res.runs = "ok", st.p50_ms, st.p95_ms, st.runs
-    ranked = rank(results)
-    chosen = None
-    for res in ranked:
-        session = sessions[res.candidate]
-        if chosen is not None:
-            res.status = "not_checked"
-            continue
-        try:
-            ok, detail = _health(session, manifest, res.candidate, ref_in, ref_out)
-        except Exception as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        res.health = ok
-        if ok:
-            res.status = "selected"
-            chosen = res.candidate
-        else:
-            res.status, res.detail = "health_failed", detail
-    for c, session in sessions.items():
-        if c != chosen:
-            session.close()
-    if chosen is None:
-        summary = "; ".join(f"{r.candidate.variant}@{r.candidate.provider}: {r.status} {r.detail}".strip()
-                            for r in results + absent)
-        raise HealthCheckError(f"no candidate passed the health check ({summary})")
-    return Selection(chosen, sessions[chosen], results + absent, key, neighbours=names)
+        res.resident_mb = round(max(grew, files_mb(self.install_dir, self.manifest, c.variant)), 3)
+        return session
 
 
 def selection_record(selection: Selection) -> dict:

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -70,14 +71,17 @@ def _check_ids(fleet: str, device_ids: Iterable[str]) -> list[str]:
 
 def sign_for_devices(published: PublishedPackage, fleet: str, device_ids: Iterable[str],
                      fleet_key: Ed25519PrivateKey, *, rollout_id: str | None = None, rollback: bool = False,
-                     lifetime_s: float = DEFAULT_LIFETIME_S, now: float | None = None) -> dict[str, SignedStatement]:
+                     lifetime_s: float = DEFAULT_LIFETIME_S, now: float | None = None,
+                     hints: Mapping[str, dict[str, Any]] | None = None) -> dict[str, SignedStatement]:
     """One signed statement per device (ids and the package's name checked first: nothing is signed
-    for a bad one)."""
+    for a bad one); ``hints``: device id → the fleet's selection ranking its statement carries."""
     check_model_name(published.name, f"package name (in {published.name}@{published.version})")
     ids = _check_ids(fleet, device_ids)
     issued = time.time() if now is None else now
+    hints = hints or {}
     return {d: sign_statement(published.statement(fleet, d, next_serial(), issued_at=issued, lifetime_s=lifetime_s,
-                                                  rollout_id=rollout_id, rollback=rollback), fleet_key)
+                                                  rollout_id=rollout_id, rollback=rollback,
+                                                  selection_hint=hints.get(d)), fleet_key)
             for d in ids}
 
 

@@ -38,6 +38,7 @@ from edgesdk.fleet.rollout_data import DeviceNow, events_since, fleet_now, wave_
 from edgesdk.fleet.rollout_gates import (FAIL, INCONCLUSIVE, PASS, WAIT, WaveData, evaluate, failure_gate,
                                          verdict_of)
 from edgesdk.fleet.rollouts import Decision, LeaseLost, RolloutDevice, RolloutRecord, RolloutWriter
+from edgesdk.fleet.selection_hints import hints_for
 from edgesdk.fleet.store import FleetStore
 from edgesdk.protocol.statements import compare_versions
 
@@ -181,7 +182,8 @@ class RolloutController:
                 continue
             published = find_package(self.repo, package_id)
             signed.update(sign_for_devices(published, self.fleet, ids, self.key, rollout_id=rollout.id,
-                                           rollback=rollout.kind == "rollback", now=now))
+                                           rollback=rollout.kind == "rollback", now=now,
+                                           hints=hints_for(self.store, self.fleet, package_id, ids)))
         return signed
 
     def _publish(self, topics: dict[str, bytes | None]) -> None:
@@ -391,7 +393,8 @@ class RolloutController:
             published = find_package(self.repo, package_id)
             backwards = compare_versions(published.version, rollout.version) < 0
             signed.update(sign_for_devices(published, self.fleet, ids, self.key, rollout_id=rollout.id,
-                                           rollback=backwards, now=now))
+                                           rollback=backwards, now=now,
+                                           hints=hints_for(self.store, self.fleet, package_id, ids)))
         return signed
 
     def _rollback_confirmations(self, rollout: RolloutRecord, waiting: list[RolloutDevice],

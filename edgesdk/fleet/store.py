@@ -362,11 +362,11 @@ class FleetStore:
 
     def events(self, fleet: str | None = None, *, since: float | None = None, until: float | None = None,
                device_id: str | None = None, kinds: Iterable[str | InstallEventKind] | None = None,
-               limit: int | None = None) -> list[EventRecord]:
+               limit: int | None = None, package_id: str | None = None) -> list[EventRecord]:
         """Events with since <= at < until, oldest first; with ``limit``, the latest ``limit``."""
         where, params = ["1 = 1"], []
         for clause, value in (("e.fleet = ?", fleet), ("e.at >= ?", since), ("e.at < ?", until),
-                              ("e.device_id = ?", device_id)):
+                              ("e.device_id = ?", device_id), ("e.package_id = ?", package_id)):
             if value is not None:
                 where.append(clause)
                 params.append(value)

@@ -29,6 +29,7 @@ from edgesdk.errors import ProtocolError, SignatureError, TrustError
 from edgesdk.protocol.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from edgesdk.protocol.ids import check_id, is_sha256_hex, is_valid_id
 from edgesdk.protocol.messages import _Message, parse_json
+from edgesdk.protocol.selection_hint import SelectionHint
 
 DEFAULT_LIFETIME_S = 30 * 24 * 3600  # a statement not re-issued within 30 days stops being obeyed
 CLOCK_SKEW_S = 300.0  # a statement "issued" up to 5 min in the device's future is still accepted
@@ -59,11 +60,19 @@ class DeploymentStatement(_Message):
     rollout_id: str | None = None
     rollback: bool = False  # only a rollback statement may install a lower version of a name
     undeploy: bool = False  # the device unloads ``name`` and frees its disk; no package named
+    # The fleet's ranking of this package's candidates on the device's hardware class
+    # (`edgesdk.protocol.selection_hint`); None: the device searches every candidate itself.
+    selection_hint: dict[str, Any] | None = None
 
     @property
     def sha256(self) -> str:
         """The whole-file sha256 the transfer checks: the package id itself."""
         return self.package_id
+
+    @property
+    def hint(self) -> SelectionHint | None:
+        """The parsed selection hint (checked when the statement was parsed)."""
+        return None if self.selection_hint is None else SelectionHint.from_dict(self.selection_hint)
 
     @property
     def block_count(self) -> int:
@@ -87,10 +96,12 @@ class DeploymentStatement(_Message):
             raise ProtocolError(f"{where}: field 'serial' must be within 1..2^63-1")
         if self.expires <= self.issued_at:
             raise ProtocolError(f"{where}: 'expires' is not after 'issued_at'")
+        if self.selection_hint is not None:
+            SelectionHint.from_dict(self.selection_hint, f"{where}: field 'selection_hint'")
         if self.undeploy:
-            if self.rollback or any(getattr(self, f) for f in UNDEPLOY_EMPTY):
+            if self.rollback or self.selection_hint is not None or any(getattr(self, f) for f in UNDEPLOY_EMPTY):
                 raise ProtocolError(f"{where}: an undeploy statement names no package (fields "
-                                    f"{', '.join(UNDEPLOY_EMPTY)} empty, rollback false)")
+                                    f"{', '.join(UNDEPLOY_EMPTY)} empty, rollback false, no selection_hint)")
             return
         for name in ("package_id", "blocks_digest"):
             if not is_sha256_hex(getattr(self, name)):
