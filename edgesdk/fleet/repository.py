@@ -35,6 +35,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -70,14 +71,15 @@ class PublishedPackage:
 
     def statement(self, fleet: str, device: str, serial: int, *, issued_at: float | None = None,
                   lifetime_s: float = protocol.DEFAULT_LIFETIME_S, rollout_id: str | None = None,
-                  rollback: bool = False) -> DeploymentStatement:
-        """The (unsigned) deployment statement that tells ``device`` to run this package."""
+                  rollback: bool = False, selection_hint: dict[str, Any] | None = None) -> DeploymentStatement:
+        """The (unsigned) deployment statement that tells ``device`` to run this package; with the
+        fleet's ranking for the device's hardware class (`edgesdk.fleet.selection_hints`)."""
         now = time.time() if issued_at is None else issued_at
         return DeploymentStatement(fleet=fleet, device=device, package_id=self.package_id, name=self.name,
                                    version=self.version, target=self.target, size=self.size,
                                    block_size=self.block_size, blocks_digest=self.blocks_digest, serial=serial,
                                    issued_at=now, expires=now + lifetime_s, rollout_id=rollout_id,
-                                   rollback=rollback)
+                                   rollback=rollback, selection_hint=selection_hint)
 
 
 def publish_package(pkg_path: str | Path, repo_dir: str | Path,
