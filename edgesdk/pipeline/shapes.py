@@ -40,6 +40,21 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _name_anonymous_dims(graph: onnx.GraphProto) -> None:
+    """Give every anonymous dynamic dim of the graph's inputs and outputs a name of its own.
+
+    Paddle2ONNX writes a dynamic dim as ``-1`` (a dim_value) or ``"?"`` (a dim_param every such
+    dim shares). Read literally, -1 is a fixed size and all the "?" dims are one dimension, so a
+    text-direction classifier's [-1, 3, ?, ?] could not take a 48×192 input.
+    """
+    for value in [*graph.input, *graph.output]:
+        if value.type.WhichOneof("value") != "tensor_type":
+            continue
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (dim.HasField("dim_value") and dim.dim_value < 0) or dim.dim_param == "?":
+                dim.dim_param = f"{value.name}_dim{i}"  # one field or the other: this clears dim_value
+
+
 def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                      policy: str = "dynamic", batch: int = 1) -> onnx.ModelProto:
     """A copy of ``model`` with the given input shapes applied (and all dims fixed if static).
@@ -54,6 +69,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     graph = fixed.graph
+    _name_anonymous_dims(graph)
     initializers = {t.name for t in graph.initializer}
     inputs = {v.name: v for v in graph.input if v.name not in initializers}
     unknown = [name for name in shapes if name not in inputs]

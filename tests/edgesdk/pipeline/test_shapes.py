@@ -144,3 +144,26 @@ def test_static_batch_reaches_a_shared_dim_in_another_position():
 
     assert _shape(fixed, "state") == (2, 3, 8) and _shape(fixed, "audio") == (3, 4)
     assert _shape(fixed, "out", outputs=True) == (2, 3, 8)
+
+
+def _paddle_style_model() -> onnx.ModelProto:
+    """What Paddle2ONNX writes: x[-1, 3, ?, ?] → GlobalAveragePool → y[-1, 3, 1, 1]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 1, 1])
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_paddle_minus_one_and_anonymous_dims_are_dynamic_and_independent() -> None:
+    # -1 read as a size ("fixed at -1, not 1") and the two "?" read as one dim (48 vs 192) both
+    # refused the real text-direction classifier before.
+    fixed = fix_input_shapes(_paddle_style_model(), {"x": (1, 3, 48, 192)})
+    assert _shape(fixed, "x") == (1, 3, 48, 192)
+    session = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.ones((1, 3, 48, 192), np.float32)})[0]
+    assert out.shape == (1, 3, 1, 1)
+
+
+def test_paddle_style_model_under_the_static_policy_fixes_the_batch() -> None:
+    fixed = fix_input_shapes(_paddle_style_model(), {"x": (1, 3, 48, 192)}, policy="static", batch=1)
+    assert _shape(fixed, "x") == (1, 3, 48, 192)
