@@ -28,6 +28,11 @@ Outputs = Mapping[str, np.ndarray]
 
 MAX_CLASSES = 100_000  # a last axis longer than this is not a class axis (OCR has ~18.7 k classes)
 SPREAD_RATIO_MIN = 0.5  # default of profiles.Gate.spread_ratio_min
+# A position whose reference top-1 beats its runner-up by less than this fraction of the sample's
+# largest |score| is a near-tie: which of the two wins is rounding, in fp32 too, so a flip there is
+# not counted. Detector score maps are mostly background anchors whose scores all sit near 0: their
+# top-1 is noise (bf16 "lost" 4 % top-1 on a layout detector at cosine 0.9995, all of it there).
+TIE_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class OutputMetrics:
     reference_absmax: float = 0.0  # largest |reference| value: the output's scale
     spread_axis: int | None = None  # the axis whose slices the spread check reported
     samples: int = 0
+    tied_positions: int = 0  # class-like: positions left out of top-1 agreement as near-ties (TIE_MARGIN)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: NaN/Inf become None (json.dumps would write invalid NaN tokens)."""
@@ -114,7 +120,7 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
                   and all(r.ndim == ndim and 2 <= r.shape[-1] <= MAX_CLASSES for r in refs))
     cosines: list[float] = []
     max_abs = abs_sum = ref_absmax = 0.0
-    count = nonfinite = equal = elements = hits = positions = 0
+    count = nonfinite = equal = elements = hits = positions = tied = 0
     for r, c in zip(refs, cands):
         rf, cf = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
         # Where the reference itself is NaN/Inf (e.g. a -inf mask) and the candidate matches, agree.
@@ -137,8 +143,10 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
             equal += int(np.count_nonzero(r == c))
             elements += r.size
         if class_like and r.size:
-            hits += int(np.count_nonzero(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
-            positions += r.size // r.shape[-1]
+            decided = _decided_positions(r)
+            tied += int(decided.size - np.count_nonzero(decided))
+            hits += int(np.count_nonzero((np.argmax(r, axis=-1) == np.argmax(c, axis=-1)) & decided))
+            positions += int(np.count_nonzero(decided))
     min_ratio, collapsed, axis = (None, 0, None) if integer else _spread(refs, cands, spread_ratio_min)
     return OutputMetrics(
         name=name,
@@ -155,7 +163,16 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
         reference_absmax=ref_absmax,
         spread_axis=axis,
         samples=len(refs),
+        tied_positions=tied,
     )
+
+
+def _decided_positions(ref: np.ndarray) -> np.ndarray:
+    """Per position (all axes but the last), whether the reference's top-1 is not a near-tie."""
+    values = np.where(np.isfinite(ref), ref, 0.0).astype(np.float64)
+    top2 = np.partition(values, -2, axis=-1)[..., -2:]
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    return (top2[..., 1] - top2[..., 0]) > TIE_MARGIN * scale
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
