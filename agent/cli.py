@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from rich.markup import escape
 
 from edgesdk.errors import ConfigError, EdgeError
 
 app = typer.Typer(name="edge-agent", help="The edgesdk device agent: installs signed model packages from the "
                   "fleet, picks the fastest healthy variant × provider here, serves it on a local API and "
                   "reports latency.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+
+
+# rich is imported when something is printed, not by `edge-agent run` (whose output is logging):
+# it costs the daemon ~5 MiB of resident memory for nothing.
+@functools.cache
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def _fail(exc: EdgeError) -> None:
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(exc.exit_code)
 
 
@@ -95,6 +103,9 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
         raise typer.Exit(1 if failed else 0)
+    from rich.table import Table
+
+    out = _console()
     hw = report.get("hardware", report)
     table = Table(title="edge-agent doctor", show_header=False)
     table.add_column("what", style="bold")
@@ -190,6 +201,7 @@ def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
+    out = _console()
     models = data.get("models") or {}
     if not models:
         out.print("models: none active")
@@ -203,6 +215,10 @@ def status(config: Path = typer.Option(..., "--config", "-c", help="Agent config
 
 def _print_model(name: str, entry: dict) -> None:
     """One model's block: what is active, its fallback, its last error and its selection table."""
+    from rich import box
+    from rich.table import Table
+
+    out = _console()
     active, previous = entry.get("active"), entry.get("previous")
     out.print()
     if active:

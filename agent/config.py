@@ -28,7 +28,8 @@ DEFAULT_DATA_DIR = "/var/lib/edge-agent"
 
 KEYS = ("device_id", "fleet", "broker", "tls", "username", "password", "password_file", "data_dir",
         "trusted_keys", "fleet_keys", "trust_root", "labels", "api", "telemetry_interval_s", "selection_budget_s", "target",
-        "memory_budget_mb", "undeploy_grace_s", "spool_max_windows", "stall_timeout_s", "log_level")
+        "memory_budget_mb", "undeploy_grace_s", "spool_max_windows", "stall_timeout_s", "engine_cache_mb",
+        "log_level")
 TLS_KEYS = ("ca", "cert", "key")
 
 
@@ -65,6 +66,10 @@ class AgentConfig:
     undeploy_grace_s: float = 24 * 3600.0  # an undeployed model's files stay this long
     spool_max_windows: int = 10000
     stall_timeout_s: float = 60.0
+    # Disk (MB) for compiled engines (OpenVINO blobs, TensorRT engines) under data_dir/engines, so
+    # a restart or re-activation skips the compile; the least recently used versions' engines go
+    # first, the active ones' never. 0: no engine cache (and the folder is emptied).
+    engine_cache_mb: float = 2048.0
     log_level: str = "info"
     source: str = ""  # the file it was loaded from
     # Loaded once at load time so a bad key fails there; not part of equality or repr.
@@ -177,6 +182,7 @@ def parse_config(data: Any, source: str, base_dir: Path) -> AgentConfig:
         undeploy_grace_s=check.non_negative("undeploy_grace_s", data.get("undeploy_grace_s", 24 * 3600)),
         spool_max_windows=check.count("spool_max_windows", data.get("spool_max_windows", 10000)),
         stall_timeout_s=check.positive("stall_timeout_s", data.get("stall_timeout_s", 60)),
+        engine_cache_mb=check.non_negative("engine_cache_mb", data.get("engine_cache_mb", 2048)),
         log_level=log_level, source=source, public_keys=tuple(public_keys), target_profile=profile,
         fleet_public_keys=tuple(fleet_public), trust_root_bytes=root_bytes,
     )

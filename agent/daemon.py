@@ -31,6 +31,7 @@ from edgesdk.trustroot import parse_root_chain
 
 from agent.api import ApiServer, parse_address
 from agent.config import AgentConfig
+from agent.engine_cache import ENGINES, EngineCache
 from agent.hardware import HardwareInfo, choose_target, probe_hardware
 from agent.installer import Installer, InstallOutcome
 from agent.model_host import ModelHost
@@ -45,6 +46,7 @@ PUBLISH_TIMEOUT_S = 10.0  # every wait for a PUBACK is bounded (a dead broker mu
 # A stalled download is retried after a jittered delay growing from RETRY_MIN_S to RETRY_MAX_S.
 RETRY_MIN_S, RETRY_MAX_S = 30.0, 900.0
 GC_INTERVAL_S = 600.0  # how often the idle install worker frees the disk of undeployed models
+PROBE_CACHE_NAME = "runtime-probe.json"  # the runtime/provider probe's answer, in data_dir
 
 
 def guarded(where: str) -> Callable:
@@ -93,6 +95,12 @@ class Agent:
         self.errors: Counter[str] = Counter()  # errors caught per callback/loop, shown in status()
         self.refused: Counter[str] = Counter()  # statements refused, per first word of the reason
         self.broker = broker or broker_config_of(config)
+        if hardware is None or available is None:
+            from edgesdk.runtime import isolate_runtime_probe
+
+            # The runtimes are probed in a child process (none is loaded here until a variant
+            # needs it); its answer is kept for the next start while nothing it depends on changes.
+            isolate_runtime_probe(config.data_dir / PROBE_CACHE_NAME)
         self.hardware = hardware or probe_hardware()
         # The configured target, else the one detected (`edge-agent doctor` says why): the registry's column.
         self._target_name = (config.target_profile.name if config.target_profile is not None
@@ -116,7 +124,8 @@ class Agent:
                                    self._emit, profile=config.target_profile, budget_s=config.selection_budget_s,
                                    session_factory=session_factory, clock=clock,
                                    memory_budget_mb=config.memory_budget_mb,
-                                   undeploy_grace_s=config.undeploy_grace_s)
+                                   undeploy_grace_s=config.undeploy_grace_s,
+                                   engine_cache=EngineCache(data / ENGINES, config.engine_cache_mb))
         host, port = parse_address(config.api)
         self.api = ApiServer(host, port if api_port is None else api_port, self.host, self.status)
         self.connected = threading.Event()

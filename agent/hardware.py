@@ -187,32 +187,11 @@ def runtime_versions() -> dict[str, str]:
 
 
 def _default_providers() -> dict[str, list[str]]:
-    try:
-        from edgesdk.runtime import available_providers  # written alongside; may not exist yet
-    except (ImportError, AttributeError):
-        return probe_providers()
+    """The one provider probe, `edgesdk.runtime.available_providers` (the daemon first calls
+    `isolate_runtime_probe`, so probing loads no runtime into the agent)."""
+    from edgesdk.runtime import available_providers
+
     return available_providers()
-
-
-def probe_providers() -> dict[str, list[str]]:
-    """Ask each installed runtime what it can run on; a runtime that fails to load is left out."""
-    found: dict[str, list[str]] = {}
-    try:
-        import onnxruntime
-        found["onnxruntime"] = list(onnxruntime.get_available_providers())
-    except Exception:  # noqa: BLE001 - a broken wheel (missing CUDA libs) must not stop the agent
-        pass
-    try:
-        import openvino
-        found["openvino"] = list(openvino.Core().available_devices)
-    except Exception:  # noqa: BLE001 - e.g. an NPU driver that fails to initialise
-        pass
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-        found["litert"] = ["XNNPACK"]  # LiteRT's CPU path is the XNNPACK delegate by default
-    except Exception:  # noqa: BLE001
-        pass
-    return found
 
 
 @dataclass(frozen=True)

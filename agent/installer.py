@@ -6,7 +6,9 @@ events (``model``); the other active models keep serving throughout, and the new
 candidates are timed beside them (`agent.neighbours`). Any failure leaves the name's previous
 version active and serving, and is reported as one `failed` event with a one-line reason. An
 install whose resident memory, added to the other models', would exceed the device's budget is
-refused before the switch, with the numbers. The fetch is a parameter (the daemon passes its MQTT transfer;
+refused before the switch, with the numbers. Compiled engines (OpenVINO blobs, TensorRT engines)
+are kept per version and candidate in `agent.engine_cache`, so the next activation skips the
+compile; they go with the version and stay within the cache's bound. The fetch is a parameter (the daemon passes its MQTT transfer;
 tests can pass a local copy), and so are the hardware facts, the providers and the session
 factory, so every step can be driven with faults injected.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import inspect
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,12 +33,14 @@ from edgesdk.package import extract_package
 from edgesdk.profiles import TargetProfile, load_builtin
 from edgesdk.protocol import DeploymentStatement, InstallEventKind
 
+from agent.engine_cache import EngineCache
 from agent.hardware import HardwareInfo, check_target
 from agent.model_host import ActiveModel, ModelHost, prepare_feeds
 from agent.neighbours import Neighbour
 from agent.selection import Selection, cache_key, load_reference, select
 from agent.store import VersionStore
 
+log = logging.getLogger("edge-agent")
 EmitFn = Callable[..., None]  # emit(kind: InstallEventKind, package_id: str, **fields)
 FetchFn = Callable[[DeploymentStatement, Callable[[float], None]], Path]
 KeysFn = Callable[[], list]  # the release keys trusted now (a trust root may rotate them)
@@ -60,7 +66,8 @@ class Installer:
                  available: dict[str, list[str]], emit: EmitFn, *, profile: TargetProfile | None = None,
                  budget_s: float = 30.0, session_factory: Callable[..., Any] | None = None,
                  clock: Callable[[], float] = time.time, memory_budget_mb: float | None = None,
-                 undeploy_grace_s: float = UNDEPLOY_GRACE_S, rss_probe: Callable[[], int | None] | None = None) -> None:
+                 undeploy_grace_s: float = UNDEPLOY_GRACE_S, rss_probe: Callable[[], int | None] | None = None,
+                 engine_cache: EngineCache | None = None) -> None:
         self.store, self.host = store, host
         self._release_keys: KeysFn = trusted_keys if callable(trusted_keys) else (lambda keys=list(trusted_keys): keys)
         self.hardware, self.available, self.emit = hardware, available, emit
@@ -70,6 +77,9 @@ class Installer:
         self.memory_budget_mb = memory_budget_mb
         self.undeploy_grace_s = undeploy_grace_s
         self.rss_probe = rss_probe
+        # None: sessions compile from scratch every time. A factory written before engine caches
+        # (no ``cache_dir`` parameter) keeps working, without one.
+        self.engine_cache = engine_cache if _takes_cache_dir(session_factory) else None
         self.status_path = store.data_dir / "status.json"
         self.last_selection: dict[str, dict[str, Any]] = {}  # per model name
         self.last_error: dict[str, str] = {}  # per model name: the last install failure, until one succeeds
@@ -87,6 +97,7 @@ class Installer:
                    note.package_id, note.reason, note.name) for note in self.store.recover() if note.kind != "cleaned"]
         for name in self.store.names():
             report += self._restore_one(name)
+        self._bound_engine_cache()  # engine_cache_mb may have shrunk since the last run
         self._write_status()
         return report
 
@@ -154,6 +165,7 @@ class Installer:
                         "resident_mb": selection.resident_mb})
             emit(InstallEventKind.HEALTH_CHECKED)
             self._activate(name, pid, manifest, selection, emit)
+            self._bound_engine_cache(pid, selection)
             return InstallOutcome.ACTIVE
         except TransferStalledError as exc:
             self.last_error[name] = f"{name} {pid[:12]}: {exc}"
@@ -184,10 +196,16 @@ class Installer:
 
     def collect_garbage(self) -> list[str]:
         """Remove versions no name uses any more (undeployed ones once their grace period is over)."""
+        cache = self.engine_cache
         try:
-            return self.store.gc(keep=2, grace_s=self.undeploy_grace_s)
+            removed = self.store.gc(keep=2, grace_s=self.undeploy_grace_s,
+                                    on_removed=None if cache is None else cache.remove_package)
         except (EdgeError, OSError):
             return []
+        if cache is not None:
+            with contextlib.suppress(EdgeError, OSError):
+                cache.prune(self.store.installed())  # engines whose version went without them (a crash)
+        return removed
 
     def _download_and_extract(self, statement: DeploymentStatement, fetch: FetchFn, emit: Callable[..., None]) -> None:
         pid = statement.package_id
@@ -351,11 +369,29 @@ class Installer:
     def _select(self, name: str, pid: str, manifest: Manifest, cached: dict | None) -> Selection:
         key = cache_key(pid, self.hardware.fingerprint(), dict(self.hardware.runtimes))
         cached = cached or self._cached_selection(name, pid)
+        cache = self.engine_cache
         selection = select(manifest, self.store.install_dir(pid), self.available, key, budget_s=self.budget_s,
                            session_factory=self.session_factory, cached=cached,
-                           neighbours=self._neighbours(name), rss_probe=self.rss_probe)
+                           neighbours=self._neighbours(name), rss_probe=self.rss_probe,
+                           cache_dir_for=None if cache is None else (lambda c: cache.dir_for(pid, c, key)))
         self.last_selection[name] = self._selection_record(selection) | {"package_id": pid}
         return selection
+
+    def _bound_engine_cache(self, pid: str | None = None, selection: Selection | None = None) -> None:
+        """After an activation: drop the engines of the candidates that lost (``pid``'s), then evict
+        the least recently used versions' engines beyond the bound. Never fails an install."""
+        cache = self.engine_cache
+        if cache is None:
+            return
+        try:
+            if pid is not None and selection is not None:
+                cache.retain(pid, cache.dir_for(pid, selection.chosen, selection.cache_key))
+            evicted = cache.enforce_limit(keep={m.package_id for m in self.host.models().values()})
+        except (EdgeError, OSError):  # the cache is an optimisation (its own errors are warnings)
+            return
+        if evicted:
+            log.info("engine cache: evicted the engines of %s (over %g MB)",
+                     ", ".join(p[:12] for p in evicted), cache.max_mb)
 
     def _cached_selection(self, name: str, pid: str) -> dict | None:
         for record in (self.store.active(name), self.store.previous(name)):
@@ -401,6 +437,17 @@ class Installer:
         """`edge-agent status` reads this file, so it works whether or not the daemon runs."""
         with contextlib.suppress(OSError):
             write_text_atomic(self.status_path, json.dumps(self.status(), indent=1, default=str))
+
+
+def _takes_cache_dir(factory: Callable[..., Any] | None) -> bool:
+    """Whether ``factory`` (None: `edgesdk.runtime.open_session`) accepts ``cache_dir=``."""
+    if factory is None:
+        return True
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume open_session's
+        return True
+    return any(p.name == "cache_dir" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _sha256_file(path: Path) -> str:

@@ -4,6 +4,8 @@
       versions/{package_id}/         an extracted package (complete: renamed into place whole)
       versions/{package_id}.partial  an extraction in progress (removed by recover())
       versions/.trash-*              a version being deleted (renamed first, then removed)
+      engines/{package_id}/          the version's compiled-engine caches (agent.engine_cache), removed
+                                     with it: `gc` calls its ``on_removed`` for each version it deletes
       active.json                    {"version": 2,
                                       "models": {name: {"active": {...} | null, "previous": {...} | null}},
                                       "removed": {package_id: unix time it was undeployed}}
@@ -248,11 +250,13 @@ class VersionStore:
             self._write_state(state)
             return freed
 
-    def gc(self, keep: int = 2, grace_s: float = 0.0) -> list[str]:
+    def gc(self, keep: int = 2, grace_s: float = 0.0,
+           on_removed: Callable[[str], None] | None = None) -> list[str]:
         """Remove every version that no name runs (``keep`` >= 1) or keeps as its fallback
         (``keep`` >= 2; with 1 the fallbacks are forgotten), except those undeployed less than
-        ``grace_s`` ago; and stray staging/trash folders. Returns the package ids removed. Not
-        concurrent with stage() (the installer calls both from its one worker)."""
+        ``grace_s`` ago; and stray staging/trash folders. ``on_removed(package_id)`` runs after
+        each version's folder is gone (the installer deletes its engine cache there). Returns the
+        package ids removed. Not concurrent with stage() (the installer calls both from its one worker)."""
         if keep < 1:
             raise InstallError(f"gc: keep must be >= 1, got {keep}")
         with self._lock, map_os_errors(f"remove old versions from {self.versions_dir}"):
@@ -274,6 +278,8 @@ class VersionStore:
                 self._write_state(state)
             for package_id in removed:
                 self._discard(self.install_dir(package_id))
+                if on_removed is not None:
+                    on_removed(package_id)
             self._clean_leftovers()
             return removed
 

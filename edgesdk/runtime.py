@@ -20,8 +20,17 @@ callers through one session); each runtime gets there its own way:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
 import re
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -53,37 +62,210 @@ Feeds = Mapping[str, np.ndarray]
 
 
 # -- what is installed here -----------------------------------------------------------------------
+# Loading a runtime to ask it what it can run costs the process its memory for good (measured:
+# onnxruntime +19 MiB, OpenVINO with its CPU plugin +37 MiB, LiteRT +9 MiB), and a device agent
+# that serves one ORT model should not carry OpenVINO and LiteRT. A long-running process that may
+# never use most runtimes (the agent) calls `isolate_runtime_probe`: then a runtime it has already
+# loaded is asked directly, and the others in a short child process (~0.5-1 s), whose answer is
+# kept on disk for the next start. By default the runtimes are asked here, in-process: a packager
+# or a script loads them anyway, and a child would only add that second.
+PROBE_TIMEOUT_S = 120.0  # an NPU or GPU driver can take a while to initialise
+# Device nodes whose appearance means a new accelerator or driver: a cached probe is then stale.
+_ACCELERATOR_NODES = ("/dev/dri", "/dev/accel", "/dev/nvidia*", "/dev/nvhost-*", "/dev/dxg", "/etc/OpenCL/vendors")
+# Environment variables that change what a runtime finds.
+_PROBE_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OCL_ICD_VENDORS", "ZE_AFFINITY_MASK")
+# The child process: probe each runtime named on its command line in turn and print one JSON line
+# per runtime as soon as it is known, so a runtime that crashes the child loses only its own line.
+_CHILD_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from edgesdk.runtime import _probe_here
+for runtime in sys.argv[2:]:
+    try:
+        providers = _probe_here(runtime)
+    except Exception:
+        providers = None
+    print(json.dumps([runtime, None if providers is None else list(providers)]), flush=True)
+"""
+_probe_isolated = False
+_probe_cache_file: Path | None = None
+_log = logging.getLogger("edgesdk.runtime")
+
+
 def available_providers(refresh: bool = False) -> dict[str, list[str]]:
     """Runtime name → providers really present on this machine; runtimes not installed are absent.
 
-    Probing loads every runtime, so the answer is cached; ``refresh=True`` probes again.
+    After `isolate_runtime_probe`, runtimes this process has not loaded are asked in a child
+    process, so the answer loads no runtime here. The answer is cached; ``refresh=True`` probes
+    again (and drops the disk cache).
     """
     if refresh:
         _probe_providers.cache_clear()
+        _forget_probe_cache()
     return {runtime: list(providers) for runtime, providers in _probe_providers().items()}
+
+
+def isolate_runtime_probe(cache_file: str | Path | None = None, enabled: bool = True) -> None:
+    """Probe the runtimes this process has not loaded in a child process from now on, and keep its
+    answer in ``cache_file`` (None: in memory only) for the next process.
+
+    A cached answer is used while what decides it is unchanged (`_probe_key`: the runtimes'
+    versions, this Python, the kernel, the accelerator device nodes and a few environment
+    variables); otherwise the child probes again and the file is rewritten. An answer this process
+    already has stays in use. ``enabled=False`` returns to probing in-process.
+    """
+    global _probe_isolated, _probe_cache_file
+    _probe_isolated = enabled
+    _probe_cache_file = Path(cache_file) if cache_file is not None and enabled else None
 
 
 @functools.cache
 def _probe_providers() -> dict[str, tuple[str, ...]]:
-    found: dict[str, tuple[str, ...]] = {}
-    try:
-        import onnxruntime as ort
+    installed = _installed_runtimes()
+    loaded = [r for r in installed if not _probe_isolated or _runtime_loaded(r)]
+    found: dict[str, tuple[str, ...] | None] = {r: _probe_here(r) for r in loaded}
+    # OpenVINO last: a device plugin that crashes or hangs the child then costs no other runtime.
+    elsewhere = sorted((r for r in installed if r not in loaded), key=lambda r: r == "openvino")
+    if elsewhere:
+        found.update(_probe_elsewhere(elsewhere))
+    return {r: providers for r in RUNTIMES if (providers := found.get(r)) is not None}
 
-        found["onnxruntime"] = tuple(ort.get_available_providers())
-    except (ImportError, OSError):
-        pass
+
+def _installed_runtimes() -> list[str]:
+    """The runtimes whose module is on the path (found, not imported)."""
+    from edgesdk.runtime_extras import RUNTIME_EXTRAS
+
+    installed = []
+    for runtime in RUNTIMES:
+        for name in RUNTIME_EXTRAS[runtime].import_names:
+            try:
+                if importlib.util.find_spec(name) is not None:
+                    installed.append(runtime)
+                    break
+            except (ImportError, ValueError):  # a broken package, or a module without a spec
+                continue
+    return installed
+
+
+def _runtime_loaded(runtime: str) -> bool:
+    from edgesdk.runtime_extras import RUNTIME_EXTRAS
+
+    return any(name in sys.modules for name in RUNTIME_EXTRAS[runtime].import_names)
+
+
+def _probe_here(runtime: str) -> tuple[str, ...] | None:
+    """Ask ``runtime`` in this process what it can run on (None: it does not load)."""
     try:
-        devices: list[str] = []
-        for device in _ov_core().available_devices:
-            base = device.split(".")[0]  # "GPU.0", "GPU.1" → "GPU"
-            if base not in devices:
-                devices.append(base)
-        found["openvino"] = tuple(devices)
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            return tuple(ort.get_available_providers())
+        if runtime == "openvino":
+            devices: list[str] = []
+            for device in _ov_core().available_devices:
+                base = device.split(".")[0]  # "GPU.0", "GPU.1" → "GPU"
+                if base not in devices:
+                    devices.append(base)
+            return tuple(devices)
+        if runtime == "litert":
+            return ("XNNPACK", "CPU") if _litert_interpreter_module() is not None else None
     except (ImportError, OSError, RuntimeError):
-        pass
-    if _litert_interpreter_module() is not None:
-        found["litert"] = ("XNNPACK", "CPU")
+        return None
+    return None
+
+
+def _probe_elsewhere(runtimes: list[str]) -> dict[str, tuple[str, ...] | None]:
+    """``runtimes`` probed in a child process (or read from the probe cache)."""
+    key = _probe_key(runtimes)
+    cached = _read_probe_cache(key)
+    if cached is not None:
+        return cached
+    found, complete = _probe_in_child(runtimes)
+    if complete:
+        _write_probe_cache(key, found)
     return found
+
+
+def _probe_in_child(runtimes: list[str]) -> tuple[dict[str, tuple[str, ...] | None], bool]:
+    """(answers, complete): complete when every runtime answered and loads; only that is cached."""
+    root = str(Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-c", _CHILD_PROBE, root, *runtimes]
+    try:
+        if not sys.executable:
+            raise OSError("no Python executable to start")
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S)
+        output, code, why = done.stdout, done.returncode, f"exit status {done.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        output, code, why = exc.stdout or b"", None, f"no answer within {PROBE_TIMEOUT_S:g} s"
+    except OSError as exc:  # cannot start a child (an embedded interpreter): ask here, as before
+        _log.warning("cannot probe runtimes in a child process (%s); loading them here", exc)
+        return {r: _probe_here(r) for r in runtimes}, False
+    found: dict[str, tuple[str, ...] | None] = {}
+    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else str(output)
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, TypeError):
+            runtime, providers = json.loads(line)
+            if runtime in runtimes:
+                found[runtime] = None if providers is None else tuple(str(p) for p in providers)
+    silent = [r for r in runtimes if r not in found]
+    if silent and code is not None and code > 0 and not found:
+        # The child could not even start probing (edgesdk not importable there): ask here.
+        _log.warning("the runtime probe child failed (%s); loading the runtimes here", why)
+        return {r: _probe_here(r) for r in runtimes}, False
+    if silent:  # a runtime crashed or hung the child: it is unusable here, and this process survives
+        _log.warning("runtime probe: %s did not answer (%s); treated as not installed", ", ".join(silent), why)
+    return found, not silent and code == 0 and all(v is not None for v in found.values())
+
+
+def _probe_key(runtimes: list[str]) -> str:
+    """What decides the probe's answer; a cached answer is used only under the same key."""
+    from importlib import metadata
+
+    from edgesdk.runtime_extras import RUNTIME_EXTRAS
+
+    versions = {}
+    for runtime in runtimes:
+        for dist in RUNTIME_EXTRAS[runtime].distributions:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                versions[dist] = metadata.version(dist)
+    nodes = sorted(str(p) for pattern in _ACCELERATOR_NODES for p in Path("/").glob(pattern.lstrip("/")))
+    for folder in ("/dev/dri", "/dev/accel", "/etc/OpenCL/vendors"):
+        with contextlib.suppress(OSError):
+            nodes += sorted(f"{folder}/{name}" for name in os.listdir(folder))
+    raw = {"runtimes": runtimes, "versions": versions, "python": [sys.executable, sys.version],
+           "kernel": platform.release(), "nodes": nodes, "env": {k: os.environ.get(k) for k in _PROBE_ENV}}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+
+
+def _read_probe_cache(key: str) -> dict[str, tuple[str, ...] | None] | None:
+    if _probe_cache_file is None:
+        return None
+    try:
+        data = json.loads(_probe_cache_file.read_bytes())
+        if data.get("key") != key or not isinstance(data.get("providers"), dict):
+            return None
+        return {str(r): tuple(str(p) for p in providers) for r, providers in data["providers"].items()}
+    except (OSError, ValueError, TypeError, AttributeError):  # absent or damaged: probe again
+        return None
+
+
+def _write_probe_cache(key: str, found: dict[str, tuple[str, ...] | None]) -> None:
+    if _probe_cache_file is None:
+        return
+    from edgesdk.atomicfile import write_text_atomic
+
+    doc = {"key": key, "providers": {r: list(p) for r, p in found.items() if p is not None}}
+    try:
+        _probe_cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(_probe_cache_file, json.dumps(doc, indent=1) + "\n")
+    except OSError as exc:  # the cache only saves the next start a child process
+        _log.warning("cannot keep the runtime probe in %s: %s", _probe_cache_file, exc)
+
+
+def _forget_probe_cache() -> None:
+    if _probe_cache_file is not None:
+        with contextlib.suppress(OSError):
+            _probe_cache_file.unlink()
 
 
 def runtime_versions() -> dict[str, str]:

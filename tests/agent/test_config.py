@@ -60,6 +60,7 @@ def test_sample_config_loads_with_its_documented_defaults(config_dir: Path) -> N
     assert config.spool_max_windows == 10000 and config.stall_timeout_s == 60
     assert config.data_dir == Path("/var/lib/edge-agent") and config.target is None
     assert config.log_level == "info"
+    assert config.engine_cache_mb == 2048
 
 
 def test_sample_config_documents_every_key() -> None:
@@ -136,6 +137,8 @@ def test_target_may_be_a_profile_file_beside_the_config(config_dir: Path) -> Non
     ({"target": "nope.yaml"}, "target", "target profile file not found"),
     ({"log_level": "loud"}, "log_level", "expected one of debug"),
     ({"data_dir": 5}, "data_dir", "expected a non-empty string"),
+    ({"engine_cache_mb": -1}, "engine_cache_mb", "expected a number >= 0, got -1"),
+    ({"engine_cache_mb": "2G"}, "engine_cache_mb", "expected a number >= 0, got '2G'"),
 ])
 def test_bad_config_fails_with_one_line_naming_file_and_key(
         config_dir: Path, overrides: dict, key: str, why: str) -> None:
@@ -169,3 +172,12 @@ def test_config_that_is_not_a_mapping_is_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_config(path)
+
+
+def test_engine_cache_mb_0_turns_the_engine_cache_off(config_dir: Path) -> None:
+    from agent.engine_cache import EngineCache
+
+    config = load_config(write(config_dir, engine_cache_mb=0))
+
+    assert config.engine_cache_mb == 0
+    assert not EngineCache(config_dir / "engines", config.engine_cache_mb).enabled

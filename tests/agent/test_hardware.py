@@ -161,16 +161,92 @@ def test_fingerprint_is_stable_and_changes_with_runtime_version_or_providers(tmp
     assert more_ram.fingerprint() == hw.fingerprint()
 
 
-def test_probe_falls_back_to_its_own_provider_probe_without_edgesdk_runtime(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# -- the provider probe (issue 9: idle RSS): no runtime is loaded into the agent to probe it ---------
+PROBE_CHILD = """
+import json, sys
+from agent.hardware import probe_hardware
+from edgesdk.runtime import isolate_runtime_probe
+isolate_runtime_probe()  # as the agent does
+hw = probe_hardware()
+print(json.dumps({"providers": hw.providers,
+                  "loaded": sorted(m for m in ("onnxruntime", "openvino", "ai_edge_litert", "tflite_runtime")
+                                   if m in sys.modules)}))
+"""
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch: pytest.MonkeyPatch):
+    """edgesdk.runtime's probe as a process that has loaded no runtime sees it; restored after."""
+    from edgesdk import runtime
+
+    monkeypatch.setattr(runtime, "_runtime_loaded", lambda name: False)
+    runtime.isolate_runtime_probe()
+    runtime._probe_providers.cache_clear()
+    yield runtime
+    runtime.isolate_runtime_probe(enabled=False)
+    runtime._probe_providers.cache_clear()
+
+
+def test_probing_the_providers_loads_no_runtime_and_agrees_with_each_runtime() -> None:
+    import subprocess
     import sys
 
-    monkeypatch.setitem(sys.modules, "edgesdk.runtime", None)  # import raises ImportError
-    files = fake_device(tmp_path, None, X86_CORE.format(n=0))
+    from edgesdk import runtime
 
-    hw = probe_hardware(**files, machine="x86_64")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", PROBE_CHILD], capture_output=True, text=True, cwd=root,
+                          timeout=300, check=True)
+    seen = json.loads(done.stdout.splitlines()[-1])
 
-    assert "CPUExecutionProvider" in hw.providers.get("onnxruntime", [])
+    assert seen["loaded"] == []
+    asked_here = {r: list(p) for r in runtime.RUNTIMES if (p := runtime._probe_here(r)) is not None}
+    assert seen["providers"] == asked_here  # one probe: the same answer as each runtime in-process
+    assert "CPUExecutionProvider" in seen["providers"]["onnxruntime"]
+
+
+def test_the_probe_cache_is_used_while_its_key_holds(fresh_probe, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = fresh_probe
+    cache = tmp_path / "runtime-probe.json"
+    runtime.isolate_runtime_probe(cache)
+    real = runtime.available_providers()
+    assert json.loads(cache.read_text())["providers"] == real
+
+    doc = json.loads(cache.read_text())
+    doc["providers"]["onnxruntime"] = ["PlantedExecutionProvider"]  # only a reader of the file sees this
+    cache.write_text(json.dumps(doc))
+    runtime._probe_providers.cache_clear()
+    assert runtime.available_providers()["onnxruntime"] == ["PlantedExecutionProvider"]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # part of the key: the answer may differ now
+    runtime._probe_providers.cache_clear()
+    assert runtime.available_providers() == real
+    assert json.loads(cache.read_text())["providers"] == real
+
+
+def test_a_runtime_that_kills_the_probe_child_is_left_out_and_not_cached(fresh_probe, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = fresh_probe
+    # The child answers for onnxruntime, then dies as a crashing device plugin would (SIGABRT).
+    monkeypatch.setattr(runtime, "_CHILD_PROBE", "import json, os\n"
+                        "print(json.dumps(['onnxruntime', ['CPUExecutionProvider']]), flush=True)\nos.abort()\n")
+    monkeypatch.setattr(runtime, "_installed_runtimes", lambda: ["onnxruntime", "openvino"])
+    runtime.isolate_runtime_probe(tmp_path / "runtime-probe.json")
+
+    found = runtime.available_providers()
+
+    assert found == {"onnxruntime": ["CPUExecutionProvider"]}
+    assert not (tmp_path / "runtime-probe.json").exists()  # the next start probes again
+
+
+def test_a_child_that_cannot_probe_at_all_falls_back_to_probing_here(fresh_probe,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = fresh_probe
+    monkeypatch.setattr(runtime, "_CHILD_PROBE", "import sys\nsys.exit(3)\n")  # e.g. edgesdk not importable
+
+    found = runtime.available_providers()
+
+    assert "CPUExecutionProvider" in found["onnxruntime"]
 
 
 # -- ARM boards by capability (issue 11): cpuinfo and device-tree text fed in directly --------------

@@ -340,6 +340,19 @@ def test_gc_keeps_active_and_previous_and_removes_the_rest(installed_old, keys, 
     assert_no_leftovers(data_dir)
 
 
+def test_gc_reports_each_removed_version_after_its_folder_is_gone(installed_old, keys, tmp_path: Path) -> None:
+    data_dir, package = installed_old
+    store = VersionStore(data_dir)
+    install(store, "detector-2", package, keys)
+    install(store, "detector-3", make_package(tmp_path, keys, "3.0"), keys)  # detector-1 now unused
+    seen: list[tuple[str, bool]] = []
+
+    removed = store.gc(on_removed=lambda pid: seen.append((pid, store.install_dir(pid).exists())))
+
+    assert removed == ["detector-1"]
+    assert seen == [("detector-1", False)]  # the installer deletes its engine cache here
+
+
 def test_gc_with_keep_one_forgets_the_previous_version(installed_old, keys) -> None:
     data_dir, package = installed_old
     store = VersionStore(data_dir)
