@@ -418,7 +418,7 @@ class Agent:
         hw = self.hardware
         return DeviceState(
             device_id=self.config.device_id, online=online, agent_version=__version__,
-            labels=dict(self.config.labels), hardware_class=hw.board or hw.cpu_model or hw.arch,
+            labels=dict(self.config.labels), hardware_class=hw.hardware_class,
             telemetry_interval_s=self.config.telemetry_interval_s,
             target=self._target_name,
             hardware={"arch": hw.arch, "cpu": hw.cpu_model, "cores": hw.cpu_count, "ram_mb": hw.ram_mb,

@@ -92,6 +92,11 @@ class HardwareInfo:
         """True when ``provider`` is present; OpenVINO numbers devices ("GPU.0", "GPU.1")."""
         return any(p == provider or p.split(".", 1)[0] == provider for p in self.providers.get(runtime, ()))
 
+    @property
+    def hardware_class(self) -> str:
+        """What the fleet compares latencies and selections within: the board, else the CPU model."""
+        return self.board or self.cpu_model or self.arch
+
     def fingerprint(self) -> str:
         """Stable sha256 of what decides the selection; a change invalidates the cached decision."""
         key = {"arch": self.arch, "cpu_model": self.cpu_model, "cpu_flags": sorted(self.cpu_flags),

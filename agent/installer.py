@@ -32,6 +32,7 @@ from edgesdk.manifest import MANIFEST_NAME, Manifest
 from edgesdk.package import extract_package
 from edgesdk.profiles import TargetProfile, load_builtin
 from edgesdk.protocol import DeploymentStatement, InstallEventKind
+from edgesdk.protocol.selection_hint import SelectionHint
 
 from agent.engine_cache import EngineCache
 from agent.hardware import HardwareInfo, check_target
@@ -153,7 +154,7 @@ class Installer:
             manifest = self._manifest(pid)
             self._check_statement_matches(statement, manifest)
             self._check_target(manifest)
-            selection = self._select(name, pid, manifest, cached=None)
+            selection = self._select(name, pid, manifest, cached=None, hint=self._applicable_hint(statement))
             try:
                 self._check_memory(name, manifest, selection)
             except InstallError:
@@ -162,7 +163,7 @@ class Installer:
             emit(InstallEventKind.SELECTED, table=[r.to_dict() for r in selection.table],
                  extra={"variant": selection.chosen.variant, "provider": selection.chosen.provider,
                         "from_cache": selection.from_cache, "neighbours": list(selection.neighbours),
-                        "resident_mb": selection.resident_mb})
+                        "resident_mb": selection.resident_mb, "from_hint": selection.from_hint})
             emit(InstallEventKind.HEALTH_CHECKED)
             self._activate(name, pid, manifest, selection, emit)
             self._bound_engine_cache(pid, selection)
@@ -366,14 +367,24 @@ class Installer:
                 continue
         return out
 
-    def _select(self, name: str, pid: str, manifest: Manifest, cached: dict | None) -> Selection:
+    def _applicable_hint(self, statement: DeploymentStatement) -> SelectionHint | None:
+        """The statement's fleet ranking when it was measured on this hardware class with these
+        runtime versions; None otherwise (the device then searches every candidate)."""
+        hint = statement.hint
+        if hint is None or not hint.applies_to(self.hardware.hardware_class, dict(self.hardware.runtimes)):
+            return None
+        return hint
+
+    def _select(self, name: str, pid: str, manifest: Manifest, cached: dict | None,
+                hint: SelectionHint | None = None) -> Selection:
         key = cache_key(pid, self.hardware.fingerprint(), dict(self.hardware.runtimes))
         cached = cached or self._cached_selection(name, pid)
         cache = self.engine_cache
         selection = select(manifest, self.store.install_dir(pid), self.available, key, budget_s=self.budget_s,
                            session_factory=self.session_factory, cached=cached,
                            neighbours=self._neighbours(name), rss_probe=self.rss_probe,
-                           cache_dir_for=None if cache is None else (lambda c: cache.dir_for(pid, c, key)))
+                           cache_dir_for=None if cache is None else (lambda c: cache.dir_for(pid, c, key)),
+                           hint=hint)
         self.last_selection[name] = self._selection_record(selection) | {"package_id": pid}
         return selection
 

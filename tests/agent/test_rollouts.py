@@ -101,6 +101,18 @@ def test_a_good_release_completes_wave_by_wave_and_every_agent_serves_it(rig: Ro
             device.col.wait_state(lambda s: s.online and s.active_package == v2.pid, what=f"{device.id} on v2")
             assert _served(device, refs) == "v2"
         assert set(rig.running_versions(fleet.ids).values()) == {"2.0.0"}
+        # Fleet-wide selection: wave 1's device searched every candidate; the same hardware class in
+        # wave 2 got its ranking in the signed statement and confirmed only the top candidates.
+        with FleetStore.open(rig.store) as store:
+            selected = {e.device_id: e for e in store.events(FLEET, kinds=["selected"], package_id=v2.pid)}
+        by_wave = {d.device_id: d.wave for d in devices}
+        assert set(selected) == set(fleet.ids)
+        for device_id, event in selected.items():
+            assert event.extra.get("from_hint") is (by_wave[device_id] == 1), (device_id, event.extra)
+            timed = [r for r in event.table if r["p50_ms"] is not None]
+            if by_wave[device_id] == 1:
+                assert len(timed) <= 2 < len(event.table), event.table  # confirmed the top 2 only
+                assert any("fleet's ranking" in r["detail"] for r in event.table)
     assert load.failures == [], load.failures[:3]  # the hot swaps dropped no call
     assert min(load.calls.values()) > 2 * MIN_SAMPLES
 
