@@ -1,6 +1,8 @@
 """Local inference API for apps on the device (loopback only unless allowed), on `agent.http_server`.
 
-    POST /v1/infer                npz in -> npz out (application/x-npz or octet-stream), or
+    POST /v1/infer                application/x-edgesdk-tensors in -> the same out (the binary framing
+                                  of `agent.tensor_frame`: a small header and the raw bytes per tensor), or
+                                  npz in -> npz out (application/x-npz or octet-stream), or
                                   {"inputs": {name: nested lists}} -> {"outputs": {...}, "latency_ms": ...,
                                   "model": "name@version"}; runs the only active model (409 if several)
     POST /v1/models/{name}/infer  the same, on the active model named ``name`` (404 if none is)
@@ -15,10 +17,11 @@ that answered, ``name@version``). A model name in a path is a fleet id (`edgesdk
 Errors are ``{"error": "<one line>"}`` with 400 bad input (or a malformed request, Content-Length
 included), 403 a Host header that does not name this API, 404 unknown path or no active model of that
 name (the answer lists the active ones), 408 headers or body too slow, 409 ``/v1/infer`` while
-several models are active (the answer lists them), 411 no length, 413 body (or decoded npz) too
-large, 415 unknown content type, 431 headers too large, 500 runtime failure, 501 unknown method, 503
-no model active or no room within ``queue_timeout_s``, 505 not HTTP/1.x. The API has no
-authentication, so a bind outside loopback must be asked for explicitly (``allow_remote``).
+several models are active (the answer lists them), 406 an output the binary framing cannot carry
+(strings: ask with JSON), 411 no length, 413 body (or decoded npz) too large, 415 unknown content
+type, 431 headers too large, 500 runtime failure, 501 unknown method, 503 no model active or no room
+within ``queue_timeout_s``, 505 not HTTP/1.x. The API has no authentication, so a bind outside
+loopback must be asked for explicitly (``allow_remote``).
 
 What one caller can cost is bounded by `ApiLimits`. Connections, header and body timeouts,
 Content-Length and the Host header are `agent.http_server`'s (its docstring says how); here:
@@ -48,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from agent import metrics
+from agent.tensor_frame import TENSORS_TYPE, TensorFrameError, decode_tensors, encode_tensors
 from agent.http_request import Disconnected, Exchange, HttpError
 from agent.http_server import HttpServer
 from agent.model_host import (
@@ -61,6 +65,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8700
 NPZ_TYPES = ("application/x-npz", "application/octet-stream", "")
+INFER_TYPES = (TENSORS_TYPE, "application/json", *NPZ_TYPES)
 # Host names the API answers to when the caller does not say (plus the address it is bound to).
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 _MIB = 1024 * 1024
@@ -95,6 +100,11 @@ class ApiLimits:
     # A refused body up to this size is read (never stored) after the answer, so a client that is
     # still sending it reads the answer instead of a connection reset, and the connection stays usable.
     max_discard_bytes: int = 128 * _MIB
+    # After an answer, how long a worker waits on the connection for the caller's next request before
+    # handing it to the poller (at most workers // 2 wait at once). A call that comes within it skips
+    # two thread hand-overs: 0.21 -> 0.15 ms for an 8 KiB input, 0.81 -> 0.53 ms for 588 KiB (null
+    # model, 2 cores at load 6). 0: never.
+    linger_s: float = 0.002
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_concurrency", "workers", "max_connections",
@@ -106,6 +116,10 @@ class ApiLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"api limit {name} must be a positive number of seconds, got {value!r}")
+        if isinstance(self.linger_s, bool) or not isinstance(self.linger_s, (int, float)) \
+                or not 0 <= self.linger_s <= self.idle_timeout_s:
+            raise ConfigError(f"api limit linger_s must be 0..idle_timeout_s ({self.idle_timeout_s}) seconds, "
+                              f"got {self.linger_s!r}")
         if isinstance(self.max_discard_bytes, bool) or not isinstance(self.max_discard_bytes, int) \
                 or self.max_discard_bytes < 0:
             raise ConfigError(f"api limit max_discard_bytes must be >= 0, got {self.max_discard_bytes!r}")
@@ -351,9 +365,9 @@ class ApiServer:
         try:
             length = exchange.content_length(limits.max_body_bytes)  # 411/413 before the body is read
             ctype = (exchange.request.header("content-type") or "").split(";", 1)[0].strip().lower()
-            if ctype != "application/json" and ctype not in NPZ_TYPES:
+            if ctype not in INFER_TYPES:
                 raise HttpError(415, f"unsupported Content-Type {ctype[:60]!r}; "
-                                     "use application/x-npz or application/json")
+                                     f"use {TENSORS_TYPE}, application/x-npz or application/json")
             # Refuse a request no model can serve before holding its body (404/409/503).
             label = self.named_model(segment).name if segment is not None else self._only_model().name
             with self.body_budget.take(length, limits.queue_timeout_s):
@@ -445,7 +459,15 @@ class ApiServer:
     def infer_request(self, ctype: str, body: bytes | bytearray, model: str | None = None) -> InferAnswer:
         """Decode, run and encode one inference on ``model`` (None: the only active one) inside a
         `slot`; errors are `HttpError`."""
-        feeds = _decode_json(body) if ctype == "application/json" else _decode_npz(body, self.limits.max_body_bytes)
+        if ctype == TENSORS_TYPE:
+            try:
+                feeds = decode_tensors(body)
+            except TensorFrameError as exc:
+                raise HttpError(400, f"body is not valid {TENSORS_TYPE}: {exc}") from None
+        elif ctype == "application/json":
+            feeds = _decode_json(body)
+        else:
+            feeds = _decode_npz(body, self.limits.max_body_bytes)
         try:
             result = self.model_host.infer_timed(feeds, model)
         except UnknownModelError as exc:  # unloaded while the body was read
@@ -465,4 +487,9 @@ class ApiServer:
             doc = {"outputs": {k: np.asarray(v).tolist() for k, v in result.outputs.items()},
                    "latency_ms": round(result.latency_ms, 3), "model": release}
             return InferAnswer(json.dumps(doc).encode("utf-8"), "application/json", headers, result.model.name)
+        if ctype == TENSORS_TYPE:
+            try:
+                return InferAnswer(encode_tensors(result.outputs), TENSORS_TYPE, headers, result.model.name)
+            except TensorFrameError as exc:  # a string output: the model ran, the answer cannot be framed
+                raise HttpError(406, f"{exc}") from None
         return InferAnswer(_encode_npz(result.outputs), "application/x-npz", headers, result.model.name)

@@ -9,6 +9,10 @@ its answer, is `agent.http_request`'s. What one caller can cost is bounded by th
 - One poller thread holds every connection that has no complete request yet (idle keep-alive
   ones, and ones still sending headers), so connections cost no thread; ``workers`` handler threads
   take a connection only once its headers are in, serve that one request and hand it back.
+- After an answer on a kept-alive connection, the worker waits up to ``linger_s`` for the next
+  request on it before handing it back (at most half the workers at once): a caller's next call
+  then skips two thread hand-overs (to the poller and back), each a wake-up that a loaded 2-core
+  device makes slow (a third of the API's fixed cost for a small tensor; `agent.api.ApiLimits`).
 - Headers must arrive within ``header_timeout_s`` of their first byte (slowloris), a body within
   ``body_timeout_s``; a connection with no request is closed after ``idle_timeout_s``, and the
   oldest one is closed to admit a new one past ``max_connections``.
@@ -59,6 +63,8 @@ class ConnectionLimits(Protocol):
     def max_header_bytes(self) -> int: ...
     @property
     def max_discard_bytes(self) -> int: ...
+    @property
+    def linger_s(self) -> float: ...
 
 
 # -- connections ----------------------------------------------------------------------------------
@@ -113,7 +119,8 @@ class HttpServer:
         self._returned: deque[Connection] = deque()
         self._waiting: dict[Connection, None] = {}  # poller-owned: connections without a whole request, oldest first
         self._open = 0  # connections accepted and not closed
-        self._busy = 0  # connections a worker holds
+        self._busy = 0  # connections a worker holds to serve a request
+        self._lingering = 0  # workers waiting on a served connection for its next request
         self._refused = 0
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -367,24 +374,60 @@ class HttpServer:
             if self._stopping:
                 self._close(conn)
                 continue
-            with self._lock:
-                self._busy += 1
-            keep = False
-            try:
-                keep = self._serve_one(conn)
-            except Exception:  # noqa: BLE001 - no request may kill a worker
-                log.exception("api: request from %s failed", conn.peer)
-            finally:
+            keep = True
+            while keep:
                 with self._lock:
-                    self._busy -= 1
+                    self._busy += 1
+                keep = False
+                try:
+                    keep = self._serve_one(conn)
+                except Exception:  # noqa: BLE001 - no request may kill a worker
+                    log.exception("api: request from %s failed", conn.peer)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                if not keep or not self._linger(conn):
+                    break
             if keep:
                 self._hand_back(conn)
             else:
                 self._close(conn)
 
+    def _linger(self, conn: Connection) -> bool:
+        """Wait up to ``linger_s`` for the next request's head on ``conn``; True if it is in
+        (serve it here), False to hand the connection back (bytes read so far stay in its buffer)."""
+        linger = self.limits.linger_s
+        if linger <= 0 or self._stopping:
+            return False
+        with self._lock:
+            if self._lingering >= self.limits.workers // 2:  # the rest stay free for other connections
+                return False
+            self._lingering += 1
+        try:
+            deadline = time.monotonic() + linger
+            while head_end(conn.buf, 0) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or len(conn.buf) > self.limits.max_header_bytes:
+                    return False
+                conn.sock.settimeout(left)
+                try:
+                    data = conn.sock.recv(65536)
+                except TimeoutError:
+                    return False
+                except OSError:
+                    data = b""
+                if not data:  # closed by the client: the poller notices and closes it too
+                    return False
+                conn.buf += data
+                del conn.buf[:len(conn.buf) - len(conn.buf.lstrip(b"\r\n"))]  # stray CRLF between requests
+            return True
+        finally:
+            with self._lock:
+                self._lingering -= 1
+
     def _serve_one(self, conn: Connection) -> bool:
         end = head_end(conn.buf, 0)
-        if end is None:  # cannot happen: the poller dispatches whole heads only
+        if end is None:  # cannot happen: the poller and _linger dispatch whole heads only
             return False
         head = bytes(conn.buf[:end[0]])
         del conn.buf[:end[1]]

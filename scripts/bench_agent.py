@@ -4,8 +4,13 @@
 1. transfer: a signed 100 MiB package fetched over a loopback Mosquitto with PackageFetcher +
    RepositoryServer, vs raw paho QoS 1 publishing of the same bytes in the same block size
    (one publisher → one subscriber, one process, like the fetch). Runs alternate. Goal ≥ 50 % of raw.
+   Beside it, the same pair with the publisher and the repository each in a process of their own,
+   as deployed (`edgesdk serve` is not on the device): the device's side without the GIL it
+   shares with the repository in the one-process run.
 2. local API: ModelHost.infer and EdgeClient → ApiServer round trips vs a bare session.run on
    real models, interleaved; plus a null model (instant run) that isolates the fixed cost.
+   EdgeClient sends the binary tensor framing (its default); the same client on npz and a
+   kept-alive http.client POST of npz show the older paths. Client and server share this process.
    Goals: ≤ 3 % in-process overhead, ≤ 0.5 ms added p50 over the API.
 3. selection accuracy: agent.selection.select() on each real package for x86-64-cpu (built by
    scripts/bench_packager.py, or here if missing) vs an exhaustive, interleaved measurement of
@@ -44,6 +49,7 @@ import bench_common as bc  # noqa: E402
 PARTS = ("transfer", "api", "selection", "rss")
 DEFAULT_PACKAGES_DIR = Path(tempfile.gettempdir()) / "edgesdk-bench" / "packages"
 FLEET = "bench"
+SEPARATE_FLEET = "bench-own-process"  # the repository in a process of its own serves this fleet
 TRANSFER_GOAL = 0.50
 HOST_OVERHEAD_GOAL = 0.03
 API_ADDED_GOAL_MS = 0.5
@@ -76,8 +82,54 @@ def _big_package(work: Path, size: int) -> tuple[Path, Any]:
     return pkg, load_public_key(keys.public_path)
 
 
-def _raw_transfer(broker: Any, path: Path, block_size: int, max_inflight: int, timeout_s: float) -> float:
-    """Seconds to move the file's blocks publisher → broker → subscriber with plain paho QoS 1."""
+# The raw publisher and the repository in processes of their own (argv: see the callers).
+_PUBLISHER = """
+import os, sys
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, path, block, topic, inflight = sys.argv[1:7]
+pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{os.getpid()}", protocol=mqtt.MQTTv5)
+pub.max_inflight_messages_set(int(inflight))
+pub.connect(host, int(port))
+pub.loop_start()
+fd, block = os.open(path, os.O_RDONLY), int(block)
+print("ready", flush=True)
+sys.stdin.readline()
+infos = [pub.publish(topic, os.pread(fd, block, i * block), qos=1) for i in range(-(-os.fstat(fd).st_size // block))]
+for info in infos:
+    info.wait_for_publish(60)
+pub.disconnect()
+pub.loop_stop()
+"""
+_REPOSITORY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from edgesdk.broker import parse_broker_url
+from edgesdk.fleet.repository import RepositoryServer
+inf = float("inf")
+server = RepositoryServer(parse_broker_url(sys.argv[2]), sys.argv[3], sys.argv[4], bytes_per_s=inf,
+                          burst_bytes=inf, blocks_per_s=inf, burst_blocks=inf)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def _helper(code: str, *argv: Any) -> subprocess.Popen:
+    """A helper process running ``code``, once it has printed "ready"."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("transfer helper process did not start")
+    return proc
+
+
+def _raw_transfer(broker: Any, path: Path, block_size: int, max_inflight: int, timeout_s: float,
+                  separate: bool = False) -> float:
+    """Seconds to move the file's blocks publisher → broker → subscriber with plain paho QoS 1
+    (``separate``: the publisher in a process of its own)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -106,15 +158,22 @@ def _raw_transfer(broker: Any, path: Path, block_size: int, max_inflight: int, t
     if not subscribed.wait(10):
         raise RuntimeError("raw subscriber: no SUBACK")
     fd = os.open(path, os.O_RDONLY)
+    helper = _helper(_PUBLISHER, broker.host, broker.port, path, block_size, topic, max_inflight) if separate else None
     try:
         t0 = time.perf_counter()
-        for i in range(count):
-            pub.publish(topic, os.pread(fd, block_size, i * block_size), qos=1)
+        if helper is not None and helper.stdin is not None:
+            helper.stdin.write("go\n")
+            helper.stdin.flush()
+        else:
+            for i in range(count):
+                pub.publish(topic, os.pread(fd, block_size, i * block_size), qos=1)
         if not done.wait(timeout_s):
             raise RuntimeError(f"raw transfer: {received[0]}/{count} blocks after {timeout_s} s")
         elapsed = time.perf_counter() - t0
     finally:
         os.close(fd)
+        if helper is not None:
+            helper.wait(30)
         for c in (pub, sub):
             c.disconnect()
             c.loop_stop()
@@ -123,7 +182,8 @@ def _raw_transfer(broker: Any, path: Path, block_size: int, max_inflight: int, t
     return elapsed
 
 
-def _fetch_transfer(broker_cfg: Any, published: Any, data_dir: Path, window: int) -> tuple[float, dict[str, Any]]:
+def _fetch_transfer(broker_cfg: Any, published: Any, data_dir: Path, window: int,
+                    fleet: str = FLEET) -> tuple[float, dict[str, Any]]:
     from agent.transfer import PackageFetcher
     from edgesdk.broker import connect_blocking, disconnect, make_client
 
@@ -133,10 +193,10 @@ def _fetch_transfer(broker_cfg: Any, published: Any, data_dir: Path, window: int
     client.on_connect = lambda *a: holder["f"].on_connected() if "f" in holder else None
     connect_blocking(client, broker_cfg)
     try:
-        fetcher = PackageFetcher(client, FLEET, device, data_dir, window=window)
+        fetcher = PackageFetcher(client, fleet, device, data_dir, window=window)
         holder["f"] = fetcher
         t0 = time.perf_counter()
-        path = fetcher.fetch(published.statement(FLEET, device, 1))
+        path = fetcher.fetch(published.statement(fleet, device, 1))
         elapsed = time.perf_counter() - t0
         stats = fetcher.stats
     finally:
@@ -181,12 +241,14 @@ def bench_transfer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"package_bytes": published.size, "block_size": block,
                            "blocks": -(-published.size // block), "sha256_whole_file_s": round(sha_s, 3),
                            "disk_write_fsync_s": round(_disk_floor(work / "disk-floor", published.size, block), 3),
-                           "raw_s": [], "fetch": {}}
+                           "raw_s": [], "fetch": {}, "separate": {"raw_s": [], "fetch_s": []}}
     load = bc.LoadMonitor()
     with bc.Mosquitto(work / "mosq-transfer") as broker:
         cfg = parse_broker_url(broker.url)
         server = RepositoryServer(cfg, FLEET, work / "repo", **UNLIMITED)
         server.start()
+        # The same repository in its own process, serving another fleet name (its own requests).
+        repo_proc = _helper(_REPOSITORY, bc.REPO, broker.url, SEPARATE_FLEET, work / "repo")
         try:
             for rep in range(args.transfer_reps):
                 # Alternate: raw, then each fetch window, so drift in the neighbours' load hits all.
@@ -199,9 +261,19 @@ def bench_transfer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     entry["s"].append(round(secs, 3))
                     entry["stats"].append(stats)
                     line.append(f"fetch w{window} {published.size / secs / 2**20:.0f} MiB/s")
+                raw = _raw_transfer(broker, published.path, block, max_inflight=64, timeout_s=300, separate=True)
+                secs, _ = _fetch_transfer(cfg, published, work / f"agent-{rep}-separate", args.windows[0],
+                                          fleet=SEPARATE_FLEET)
+                out["separate"]["raw_s"].append(round(raw, 3))
+                out["separate"]["fetch_s"].append(round(secs, 3))
+                line.append(f"own processes: raw {published.size / raw / 2**20:.0f}, "
+                            f"fetch w{args.windows[0]} {published.size / secs / 2**20:.0f} MiB/s")
                 print(f"[transfer] rep {rep + 1}/{args.transfer_reps}: " + ", ".join(line), flush=True)
         finally:
             server.stop()
+            if repo_proc.stdin is not None:
+                repo_proc.stdin.close()
+            repo_proc.wait(30)
             out["server_stats"] = vars(server.stats)
     out["load"] = load.result()
     mib = published.size / 2**20
@@ -210,6 +282,10 @@ def bench_transfer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         entry["mib_s"] = round(mib / bc.median(entry["s"]), 1)
         # ratio per alternation pair (same conditions), then the median
         entry["ratio_to_raw"] = round(bc.median(r / f for r, f in zip(out["raw_s"], entry["s"])), 3)
+    sep = out["separate"]
+    sep["raw_mib_s"] = round(mib / bc.median(sep["raw_s"]), 1)
+    sep["mib_s"] = round(mib / bc.median(sep["fetch_s"]), 1)
+    sep["ratio_to_raw"] = round(bc.median(r / f for r, f in zip(sep["raw_s"], sep["fetch_s"])), 3)
     default = out["fetch"][str(args.windows[0])]
     out["goal_window"] = args.windows[0]
     out["goal_met"] = default["ratio_to_raw"] >= TRANSFER_GOAL
@@ -261,7 +337,10 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"models": {}}
     for model in args.api_models:
         path = bc.fetch_model(model)
-        feeds = bc.model_samples(model, 1, "test")[0]
+        # C order: the samples are transposed views (HWC -> CHW), and any path must make that copy
+        # (ORT inside session.run, the client before sending), but the null session never touches
+        # its input, so a view would charge the API's fixed cost with the caller's layout (~0.1 ms).
+        feeds = {k: np.ascontiguousarray(v) for k, v in bc.model_samples(model, 1, "test")[0].items()}
         session = open_session(path, "onnxruntime", "CPUExecutionProvider")
         null = _NullSession(session, feeds)
         rows: dict[str, Any] = {}
@@ -273,21 +352,26 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                          inputs=tuple(session.inputs), outputs=tuple(session.outputs)))
             api = ApiServer("127.0.0.1", 0, host)
             api.start()
-            client = EdgeClient(api.url)
+            client = EdgeClient(api.url)  # the binary tensor framing
+            npz_client = EdgeClient(api.url, wire="application/x-npz")
             buf = io.BytesIO()
             np.savez(buf, **feeds)
             keepalive, conn = _keepalive_caller(api.url, buf.getvalue())
             runners = {"session.run": lambda s=sess: s.run(feeds), "ModelHost.infer": lambda h=host: h.infer(feeds),
-                       "EdgeClient → API": lambda c=client: c.infer(feeds), "keep-alive POST → API": keepalive}
-            got = client.infer(feeds)  # the API answers what the session answers
+                       "EdgeClient → API": lambda c=client: c.infer(feeds),
+                       "EdgeClient npz → API": lambda c=npz_client: c.infer(feeds), "keep-alive POST → API": keepalive}
             ref = sess.run(feeds)
-            if any(not np.allclose(got[k], ref[k]) for k in ref):
-                raise RuntimeError(f"{model}: API outputs differ from session.run")
+            for c in (client, npz_client):  # the API answers what the session answers, on either wire
+                got = c.infer(feeds)
+                if any(not np.allclose(got[k], ref[k]) for k in ref):
+                    raise RuntimeError(f"{model}: API outputs ({c.wire}) differ from session.run")
             rounds, calls = (args.api_rounds, args.api_calls) if label == "real" else (args.api_rounds, 50)
             load = bc.LoadMonitor()
             timed = bc.interleaved(runners, rounds=rounds, calls=calls, warmup=5,
                                    budget_s=args.api_budget if label == "real" else args.api_budget / 2)
             conn.close()
+            client.close()
+            npz_client.close()
             api.stop()
             base = timed["session.run"]
             entry: dict[str, Any] = {"load": load.result(), "rounds": len(base.rounds)}
@@ -306,10 +390,12 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             # direct A/B on the real model (noisy: the model's own jitter is in it)
             "host_overhead_direct": real["ModelHost.infer"]["overhead"],
             "api_added_ms_direct": real["EdgeClient → API"]["added_ms"],
+            "npz_added_ms_direct": real["EdgeClient npz → API"]["added_ms"],
             "keepalive_added_ms_direct": real["keep-alive POST → API"]["added_ms"],
             # fixed cost measured with the null model, relative to the real model's p50
             "host_fixed_ms": fixed_host_ms, "host_overhead_fixed": round(fixed_host_ms / base_ms, 5),
-            "api_fixed_ms": fixed_api_ms, "keepalive_fixed_ms": nul["keep-alive POST → API"]["added_ms"],
+            "api_fixed_ms": fixed_api_ms, "npz_fixed_ms": nul["EdgeClient npz → API"]["added_ms"],
+            "keepalive_fixed_ms": nul["keep-alive POST → API"]["added_ms"],
             "input_bytes": int(sum(v.nbytes for v in feeds.values())),
         }
         summary["host_goal_met"] = max(summary["host_overhead_direct"], summary["host_overhead_fixed"]) <= HOST_OVERHEAD_GOAL
@@ -317,7 +403,8 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["models"][model] = {"summary": summary, "real": real, "null": nul}
         print(f"[api] {model}: session.run p50 {base_ms:.3f} ms; ModelHost +{summary['host_overhead_direct'] * 100:.2f} % "
               f"(fixed {fixed_host_ms * 1000:.0f} µs); API +{summary['api_added_ms_direct']:.3f} ms "
-              f"(fixed {fixed_api_ms:.3f} ms; keep-alive {summary['keepalive_fixed_ms']:.3f} ms)", flush=True)
+              f"(fixed {fixed_api_ms:.3f} ms; npz {summary['npz_fixed_ms']:.3f} ms; "
+              f"keep-alive npz POST {summary['keepalive_fixed_ms']:.3f} ms)", flush=True)
     return results
 
 
@@ -561,6 +648,13 @@ def print_report(res: dict[str, Any]) -> None:
             goal = "goal ≥ 0.50: " + bc.verdict(e["ratio_to_raw"] >= TRANSFER_GOAL) if int(window) == t["goal_window"] else "(sensitivity)"
             rows.append([f"PackageFetcher + RepositoryServer, window {window}", f"{e['mib_s']:.0f}",
                          ", ".join(f"{x:.2f}" for x in e["s"]), f"{e['ratio_to_raw']:.2f}", goal])
+        sep = t.get("separate")
+        if sep and sep.get("fetch_s"):
+            rows.append(["raw paho, publisher in its own process", f"{sep['raw_mib_s']:.0f}",
+                         ", ".join(f"{x:.2f}" for x in sep["raw_s"]), "1.00", ""])
+            rows.append([f"PackageFetcher, repository in its own process, window {t['goal_window']}",
+                         f"{sep['mib_s']:.0f}", ", ".join(f"{x:.2f}" for x in sep["fetch_s"]),
+                         f"{sep['ratio_to_raw']:.2f}", "(as deployed)"])
         bc.print_table(f"1. transfer of a {t['package_bytes'] / 2**20:.0f} MiB package, {t['block_size'] // 1024} KiB "
                        f"blocks, loopback Mosquitto", ["path", "MiB/s", "seconds per rep", "× raw", "verdict"], rows,
                        note=f"for scale, on this disk: pwrite + fsync of the same bytes {t['disk_write_fsync_s']:.2f} s, "
@@ -574,11 +668,12 @@ def print_report(res: dict[str, Any]) -> None:
                          f"{s['host_overhead_direct'] * 100:+.2f} % / {s['host_overhead_fixed'] * 100:.3f} %",
                          bc.verdict(s["host_goal_met"]),
                          f"{s['api_added_ms_direct']:+.3f} / {s['api_fixed_ms']:.3f}", bc.verdict(s["api_goal_met"]),
-                         f"{s['keepalive_fixed_ms']:.3f}"])
+                         f"{s['npz_added_ms_direct']:+.3f} / {s['npz_fixed_ms']:.3f}", f"{s['keepalive_fixed_ms']:.3f}"])
         bc.print_table("2. local inference path vs bare session.run (interleaved; direct A/B on the model / "
                        "fixed cost from a null model)",
-                       ["model", "input", "session.run p50 ms", "ModelHost overhead", "≤ 3 %", "API added ms",
-                        "≤ 0.5 ms", "keep-alive POST added ms"], rows)
+                       ["model", "input", "session.run p50 ms", "ModelHost overhead", "≤ 3 %",
+                        "API added ms (binary framing)", "≤ 0.5 ms", "EdgeClient npz added ms",
+                        "keep-alive npz POST added ms"], rows)
     s = res.get("selection")
     if s:
         rows = []

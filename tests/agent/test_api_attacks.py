@@ -26,6 +26,7 @@ from agent.client import ApiError, EdgeClient
 from agent.model_host import ActiveModel, ModelHost
 from agent.telemetry import LatencyRecorder, ProcessStats
 from edgesdk import runtime
+from edgesdk.errors import ConfigError
 from tests.fixtures.concurrency import call_at_once
 from tests.fixtures.tiny_models import mlp_model
 
@@ -43,9 +44,8 @@ def serving(session: runtime.Session, name: str = "m") -> ActiveModel:
                        outputs=session.outputs)
 
 
-@pytest.fixture
-def affine(tmp_path: Path, host: ModelHost) -> ActiveModel:
-    """y = 2x + 1 on float32 [N, 4], on onnxruntime."""
+def affine_model(path: Path) -> Path:
+    """y = 2x + 1 on float32 [N, 4]."""
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "two"], ["t"]), helper.make_node("Add", ["t", "one"], ["y"])],
         "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
@@ -53,8 +53,14 @@ def affine(tmp_path: Path, host: ModelHost) -> ActiveModel:
         [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, tmp_path / "affine.onnx")
-    active = serving(runtime.open_session(tmp_path / "affine.onnx", "onnxruntime", "CPUExecutionProvider"))
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def affine(tmp_path: Path, host: ModelHost) -> ActiveModel:
+    """y = 2x + 1 on float32 [N, 4], on onnxruntime, active as model ``m``."""
+    active = serving(runtime.open_session(affine_model(tmp_path / "affine.onnx"), "onnxruntime", "CPUExecutionProvider"))
     host.swap(active.name, active)
     return active
 
@@ -222,6 +228,59 @@ def test_slowloris_header_is_cut_off_by_timeout(affine, api_factory) -> None:
     assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
     assert wait_until(lambda: api.connections()["refused"] >= 1)  # counted just after the close
     assert serves_normally(api)
+
+
+def test_workers_waiting_for_a_next_call_never_hold_back_other_connections(affine, api_factory) -> None:
+    # After an answer a worker may wait (linger_s) on that connection for the caller's next call;
+    # at most half of them do, so with 2 workers a third caller is served at once, not after 5 s.
+    api = api_factory(limits=ApiLimits(workers=2, linger_s=5.0))
+    clients = [EdgeClient(api.url, timeout_s=10) for _ in range(3)]
+    try:
+        for client in clients[:2]:
+            assert np.array_equal(client.infer({"x": X})["y"], X * 2 + 1)  # each may leave a worker waiting
+        started = time.monotonic()
+        assert np.array_equal(clients[2].infer({"x": X})["y"], X * 2 + 1)
+        assert time.monotonic() - started < 2.5
+        started = time.monotonic()
+        assert np.array_equal(clients[0].infer({"x": X})["y"], X * 2 + 1)  # a kept connection, either way
+        assert time.monotonic() - started < 2.5
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_slowloris_after_a_good_call_is_still_cut_off(affine, api_factory) -> None:
+    # A caller whose worker lingers after its first answer drips its second request's header.
+    api = api_factory(limits=ApiLimits(header_timeout_s=1.0, workers=2, linger_s=0.5))
+    body = json.dumps({"inputs": {"x": X.tolist()}}).encode()
+    request = (f"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", api.port), timeout=5) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 200 and json.loads(response.read())["outputs"]["y"] == (X * 2 + 1).tolist()
+        started, answer = time.monotonic(), b""
+        sock.settimeout(0.2)
+        for byte in request[:40]:
+            try:
+                sock.sendall(bytes([byte]))
+                answer = sock.recv(4096)
+                break  # answered (408) or closed
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert elapsed < 5.0  # linger_s + header_timeout_s + slack, never the 8 s of 40 bytes
+    assert serves_normally(api)
+
+
+@pytest.mark.parametrize("linger", [-0.1, 61.0, True, "2ms"])
+def test_linger_is_checked_when_the_limits_are_built(linger) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="linger_s"):
+        ApiLimits(linger_s=linger, idle_timeout_s=60.0)
 
 
 def test_slow_drip_body_is_cut_off_by_body_timeout(affine, api_factory) -> None:

@@ -67,7 +67,7 @@ def test_resumes_after_agent_restart_fetching_only_missing_blocks(repository, de
         if progress.blocks_done == 10:
             raise AgentDied  # no cleanup, no checkpoint: like a crash after the data was written
 
-    first = device.new_fetcher(checkpoint_every=4)
+    first = device.new_fetcher(checkpoint_every=4, checkpoint_interval_s=0)  # every 4 blocks, however fast
     with pytest.raises(AgentDied):
         first.fetch(device.spec(published), die_at_block_10)
 
@@ -75,8 +75,12 @@ def test_resumes_after_agent_restart_fetching_only_missing_blocks(repository, de
     path = second.fetch(device.spec(published))
 
     assert sha256(path) == published.sha256
-    assert second.stats.resumed_from == 8  # the last checkpoint; blocks 9-10 were written, not claimed
-    assert second.stats.blocks_fetched == second.stats.blocks_total - 8
+    # Only checkpointed blocks are claimed: the checkpoint at 8 came before block 9 was written
+    # (one writer, in order); the writer may have written and checkpointed the blocks it held
+    # (at most the window of 4) before the crash stopped it, so 12 is possible, 10 or 14 never.
+    resumed = second.stats.resumed_from
+    assert resumed in (8, 12), resumed
+    assert second.stats.blocks_fetched == second.stats.blocks_total - resumed
 
 
 def test_superseded_partial_download_is_discarded(repository, device: Device,  # noqa: ANN001
