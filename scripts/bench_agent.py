@@ -612,12 +612,14 @@ def bench_rss(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   f"s = ort.InferenceSession({str(model_path)!r}); "
                   f"d = np.load({str(feeds_path)!r}); s.run(None, {{k: d[k][0] for k in d.files}}); "
                   "print('ready', flush=True); time.sleep(600)")
-    probe_code = ("from edgesdk.runtime import available_providers; import time; available_providers(); "
+    # What the agent pays for its probe: the runtimes are asked in a child process (the daemon's way).
+    probe_code = ("import tempfile, time; from edgesdk.runtime import available_providers, isolate_runtime_probe; "
+                  "isolate_runtime_probe(tempfile.mktemp(suffix='.json')); available_providers(); "
                   "print('ready', flush=True); time.sleep(600)")
     print("[rss] baselines …", flush=True)
     out["rows"]["python + import onnxruntime"] = _python_rss(base_code, settle)
     out["rows"][f"python + onnxruntime session of {model} (1 run)"] = _python_rss(model_code, settle)
-    out["rows"]["python + edgesdk available_providers() probe"] = _python_rss(probe_code, settle)
+    out["rows"]["python + edgesdk provider probe (in a child, as the agent does)"] = _python_rss(probe_code, settle)
     pkg, pub, _ = _ensure_package(model, args.packages_dir, work)
     with bc.Mosquitto(work / "mosq-rss") as broker:
         cfg = parse_broker_url(broker.url)
