@@ -123,22 +123,25 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
     count = nonfinite = equal = elements = hits = positions = tied = 0
     for r, c in zip(refs, cands):
         rf, cf = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
-        # Where the reference itself is NaN/Inf (e.g. a -inf mask) and the candidate matches, agree.
-        same_nonfinite = ~np.isfinite(rf) & ((rf == cf) | (np.isnan(rf) & np.isnan(cf)))
-        bad = int(np.count_nonzero(~np.isfinite(cf) & ~same_nonfinite))
+        if np.isfinite(rf).all() and np.isfinite(cf).all():  # the usual case: no masks to build
+            bad, both_r, both_c, finite_ref = 0, rf, cf, rf
+        else:
+            # Where the reference itself is NaN/Inf (e.g. a -inf mask) and the candidate matches, agree.
+            same_nonfinite = ~np.isfinite(rf) & ((rf == cf) | (np.isnan(rf) & np.isnan(cf)))
+            bad = int(np.count_nonzero(~np.isfinite(cf) & ~same_nonfinite))
+            both = np.isfinite(rf) & np.isfinite(cf)
+            both_r, both_c, finite_ref = rf[both], cf[both], rf[np.isfinite(rf)]
         nonfinite += bad
-        both = np.isfinite(rf) & np.isfinite(cf)
-        diff = np.abs(rf[both] - cf[both])
+        diff = np.abs(both_r - both_c)
         if bad:
             max_abs = math.inf
         elif diff.size:
             max_abs = max(max_abs, float(diff.max()))
         abs_sum += float(diff.sum())
         count += diff.size
-        finite_ref = rf[np.isfinite(rf)]
         if finite_ref.size:
             ref_absmax = max(ref_absmax, float(np.abs(finite_ref).max()))
-        cosines.append(math.nan if bad else _cosine(rf[both], cf[both]))
+        cosines.append(math.nan if bad else _cosine(both_r, both_c))
         if integer:
             equal += int(np.count_nonzero(r == c))
             elements += r.size
@@ -169,8 +172,8 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray],
 
 def _decided_positions(ref: np.ndarray) -> np.ndarray:
     """Per position (all axes but the last), whether the reference's top-1 is not a near-tie."""
-    values = np.where(np.isfinite(ref), ref, 0.0).astype(np.float64)
-    top2 = np.partition(values, -2, axis=-1)[..., -2:]
+    values = ref if np.isfinite(ref).all() else np.where(np.isfinite(ref), ref, 0.0)
+    top2 = np.partition(values, -2, axis=-1)[..., -2:].astype(np.float64)
     scale = float(np.abs(values).max()) if values.size else 0.0
     return (top2[..., 1] - top2[..., 0]) > TIE_MARGIN * scale
 
@@ -182,8 +185,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     scale = max(float(np.abs(a).max()) if a.size else 0.0, float(np.abs(b).max()) if b.size else 0.0)
     if scale == 0.0:
         return 1.0
-    a, b = a / scale, b / scale  # keeps the dot product from overflowing on huge activations
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if not 1e-100 < scale < 1e100:  # keeps the dot products from overflowing (or vanishing)
+        a, b = a / scale, b / scale
+    na, nb = math.sqrt(float(np.dot(a, a))), math.sqrt(float(np.dot(b, b)))
     if na == 0.0 or nb == 0.0:
         return 0.0
     return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
@@ -231,12 +235,18 @@ def _channel_stats(arrays: list[np.ndarray], axis: int | None) -> tuple[np.ndarr
     for a in arrays:
         x = a.astype(np.float64)
         x = x.reshape(-1, 1) if axis is None else np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-        x = np.where(np.isfinite(x), x, np.nan)
-        nb = np.count_nonzero(~np.isnan(x), axis=0).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mb = np.where(nb > 0, np.nansum(x, axis=0) / np.maximum(nb, 1), 0.0)
-            m2b = np.nansum((x - mb) ** 2, axis=0)
-            amax = np.nanmax(np.abs(x), axis=0, initial=0.0)
+        if np.isfinite(x).all():  # the usual case: plain reductions, several times faster than nan*
+            nb = np.full(x.shape[1], float(x.shape[0]))
+            mb = x.mean(axis=0) if x.shape[0] else np.zeros(x.shape[1])
+            m2b = ((x - mb) ** 2).sum(axis=0)
+            amax = np.abs(x).max(axis=0, initial=0.0)
+        else:
+            x = np.where(np.isfinite(x), x, np.nan)
+            nb = np.count_nonzero(~np.isnan(x), axis=0).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mb = np.where(nb > 0, np.nansum(x, axis=0) / np.maximum(nb, 1), 0.0)
+                m2b = np.nansum((x - mb) ** 2, axis=0)
+                amax = np.nanmax(np.abs(x), axis=0, initial=0.0)
         if n is None:
             n, mean, m2, absmax = nb, mb, m2b, amax
             continue
