@@ -82,7 +82,16 @@ VARIANT_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "openvino-fp32": {},
     "openvino-fp16": {},
     "openvino-bf16": {},
-    "openvino-int8": {"preset": str, "subset_size": int},
+    "openvino-int8": {
+        "preset": str,
+        "subset_size": int,
+        "fast_bias_correction": bool,
+        "model_type": str,  # "transformer"
+        "accuracy_control": bool,  # nncf.quantize_with_accuracy_control on the mean output cosine
+        "max_drop": (int, float),
+        "max_reverted": int,
+        "accuracy_samples": int,
+    },
     "tflite": {},
 }
 

@@ -183,13 +183,17 @@ def _build(request: PackageRequest, as_json: bool, verbose: bool) -> PackageResu
 
 def _print_result(result: PackageResult) -> None:
     from edgesdk.cli.inspect_cmd import print_variants_table
+    from edgesdk.pipeline.progress import timeline_line
 
     print_variants_table(result.manifest)
+    if result.timeline:
+        console.print(f"[dim]time per pass: {escape(timeline_line(result.timeline))}[/]")
     console.print(f"[bold green]wrote[/] {escape(str(result.path))} (signed with {escape(str(result.key_path))})")
 
 
 def _json_of(result: PackageResult) -> dict[str, Any]:
     from edgesdk.cli.inspect_cmd import inspect_json
 
+    # The seconds per pass are in host.packaging (the manifest's, so `inspect --json` shows them too).
     return {"package": str(result.path), "key": str(result.key_path), "key_created": result.key_created,
             "warnings": result.warnings, **inspect_json(result.manifest, None)}

@@ -7,7 +7,9 @@ classic-ML graph (`has_ml_domain`), and do its weights hide inside control flow
 (`if_subgraph_weight_count`). The rewrites (`ensure_node_names`, `fold_constant_nodes`,
 `upgrade_opset`, `gemm_to_matmul`) each return a copy and never touch the caller's model.
 `BuiltVariant` and `VariantNotApplicable` live here so the ONNX,
-OpenVINO and LiteRT builder modules share them without importing one another.
+OpenVINO and LiteRT builder modules share them without importing one another, and so does
+`split_float_nodes`, which reads a ``nodes_to_exclude`` value (names or ``(name, reason)`` pairs)
+into the names a quantizer takes and the ``float_nodes`` records a variant reports.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgesdk.errors import ModelError, PackagingError, first_line
+from edgesdk.errors import ConfigError, ModelError, PackagingError, first_line
 from edgesdk.pipeline.model_io import iter_graphs
 
 ML_DOMAIN = "ai.onnx.ml"
@@ -69,10 +71,48 @@ class BuiltVariant:
     # name → {"shape": [...], "dtype": "float32"} for inputs/outputs, where the builder read them
     # from the built file (LiteRT); empty where the ONNX source already gives the signature.
     io_signature: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # Nodes an INT8 build kept in float on request, each {"node": name, "reason": why} (the
+    # manifest's record of what stayed float: post-processing, repair picks, the user's list).
+    float_nodes: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def main_file(self) -> Path:
         return self.files[0]
+
+
+FLOAT_BY_REQUEST = "kept in float by request"
+
+
+def split_float_nodes(entries: Any, kind: str) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """Normalise a ``nodes_to_exclude`` value: each entry a node name or a ``(name, reason)`` pair.
+
+    Returns the names (for the quantizer, first occurrence kept) and the records for
+    ``BuiltVariant.float_nodes`` (``{"node", "reason"}``; names given alone get
+    ``FLOAT_BY_REQUEST``). A string or a malformed entry is a ConfigError naming ``kind``.
+    """
+    if isinstance(entries, (str, bytes)):
+        raise ConfigError(f"{kind}: nodes_to_exclude must be a sequence of node names or "
+                          "(name, reason) pairs, not a string")
+    names: list[str] = []
+    records: list[dict[str, str]] = []
+    for entry in entries or ():
+        if isinstance(entry, str):
+            name, reason = entry, FLOAT_BY_REQUEST
+        elif (isinstance(entry, (tuple, list)) and len(entry) == 2
+              and all(isinstance(x, str) for x in entry)):
+            name, reason = entry
+        elif isinstance(entry, dict) and isinstance(entry.get("node"), str):
+            name, reason = entry["node"], str(entry.get("reason") or FLOAT_BY_REQUEST)
+        else:
+            raise ConfigError(f"{kind}: nodes_to_exclude entry {entry!r} is neither a node name nor "
+                              "a (name, reason) pair")
+        if not name:
+            raise ConfigError(f"{kind}: nodes_to_exclude has an empty node name")
+        if name in names:
+            continue
+        names.append(name)
+        records.append({"node": name, "reason": reason})
+    return tuple(names), records
 
 
 # --------------------------------------------------------------------------- graph walking

@@ -1,8 +1,10 @@
-"""How the pipeline reports progress: a small protocol the CLI renders with rich, tests silence."""
+"""How the pipeline reports progress: a small protocol the CLI renders with rich, tests silence,
+and the timeline of passes (seconds each) that the manifest, `--json` and the CLI show."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 
 class Reporter(Protocol):
@@ -33,3 +35,35 @@ class SilentReporter:
 
     def info(self, message: str) -> None:
         self.lines.append(message)
+
+
+@dataclass(frozen=True)
+class PassTime:
+    """One pass of the pipeline (or one variant kind inside the `variants` pass) and its wall time.
+
+    ``within``: the pass this one ran inside ("variants" for each kind); its seconds are part of
+    that pass's, so a total adds only the entries without ``within``.
+    """
+
+    name: str
+    seconds: float
+    detail: str = ""
+    within: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def timeline_record(timeline: list[PassTime]) -> dict[str, Any]:
+    """The manifest's ``host.packaging`` record: every pass with its seconds, and their total."""
+    total = sum(t.seconds for t in timeline if t.within is None)
+    return {"passes": [t.to_dict() for t in timeline], "total_s": round(total, 2)}
+
+
+def timeline_line(timeline: list[PassTime], min_s: float = 0.05) -> str:
+    """One line for people: the top-level passes in order with their seconds, leaving out those
+    under ``min_s`` (bookkeeping), and the total of all of them."""
+    rows = [t for t in timeline if t.within is None]
+    total = sum(t.seconds for t in rows)
+    shown = " · ".join(f"{t.name} {t.seconds:.1f}s" for t in rows if t.seconds >= min_s)
+    return f"{shown} — total {total:.1f}s" if shown else f"total {total:.1f}s"

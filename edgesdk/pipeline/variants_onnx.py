@@ -29,10 +29,11 @@ from edgesdk.pipeline.build_support import (
     PROTO_LIMIT, Samples, check_samples, config_from_options, param, publish, save_onnx,
     staged_files, work_dir,
 )
+from edgesdk.pipeline.calibration_cache import QuantCache, file_digest
 from edgesdk.pipeline.graph_stats import (
     QUANTIZABLE_OP_TYPES, BuiltVariant, VariantNotApplicable, count_quantized_nodes, default_opset,
     ensure_node_names, first_line, float_weight_count, fold_constant_nodes_counted, gemm_to_matmul,
-    if_subgraph_weight_count, iter_nodes, matmul_fraction, ml_op_types, upgrade_opset,
+    if_subgraph_weight_count, iter_nodes, matmul_fraction, ml_op_types, split_float_nodes, upgrade_opset,
 )
 from edgesdk.profiles import CALIBRATION_METHODS, VARIANT_KINDS
 from edgesdk.quiet import output_hint, output_mark
@@ -73,17 +74,22 @@ class _OnnxBuilder:
     kind: ClassVar[str]
     Config: ClassVar[type]
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: Any = None, cache: QuantCache | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        # Shared by the INT8 builds of one package (pre-processed model, calibration ranges);
+        # builders that calibrate nothing ignore it.
+        self.cache = cache
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> _OnnxBuilder:
-        return cls(config_from_options(cls.Config, cls.kind, options))
+    def from_options(cls, options: dict[str, Any], cache: QuantCache | None = None) -> _OnnxBuilder:
+        return cls(config_from_options(cls.Config, cls.kind, options), cache)
 
     def _result(self, files: list[Path], notes: list[str], quantized: int = 0) -> BuiltVariant:
         info = VARIANT_KINDS[self.kind]
+        kept = getattr(self.config, "nodes_to_exclude", ())
         return BuiltVariant(kind=self.kind, files=files, precision=info.precision,
-                            runtime=info.runtime, quantized_nodes=quantized, notes=notes)
+                            runtime=info.runtime, quantized_nodes=quantized, notes=notes,
+                            float_nodes=[{"node": name, "reason": reason} for name, reason in kept])
 
 
 @dataclass(frozen=True)
@@ -151,8 +157,10 @@ class Int8StaticConfig:
     weight_symmetric: bool = param(True, "symmetric weight ranges (zero-point 0)")
     calibration_method: str = param("minmax", f"activation range estimator: {', '.join(CALIBRATION_METHODS)}")
     reduce_range: bool = param(False, "7-bit weights: avoids saturation on x86 CPUs without VNNI")
-    nodes_to_exclude: tuple[str, ...] = param((), "node names left in float (the repair step "
-                                                   "names the most error-sensitive ones)")
+    nodes_to_exclude: tuple[Any, ...] = param(
+        (), "node names left in float, each a name or a (name, reason) pair (the pipeline passes the "
+            "model's post-processing and the repair's most error-sensitive nodes); recorded with the "
+            "reason in the variant's float_nodes")
     op_types: tuple[str, ...] | None = param(None, "op types to quantize; None: all ORT supports")
     pre_process: bool = param(True, "run onnxruntime's quant_pre_process (shape inference) first; "
                                     "failures fall back, with a note")
@@ -165,11 +173,14 @@ class Int8StaticConfig:
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(f"onnx-int8: calibration_method {self.calibration_method!r} is not one "
                               f"of {', '.join(CALIBRATION_METHODS)}")
-        if isinstance(self.nodes_to_exclude, str):
-            raise ConfigError("onnx-int8: nodes_to_exclude must be a sequence of node names, not a string")
-        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        _, records = split_float_nodes(self.nodes_to_exclude, "onnx-int8")
+        object.__setattr__(self, "nodes_to_exclude", tuple((r["node"], r["reason"]) for r in records))
         if self.op_types is not None:
             object.__setattr__(self, "op_types", tuple(self.op_types))
+
+    @property
+    def exclude_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.nodes_to_exclude)
 
 
 class _SampleReader:
@@ -287,37 +298,48 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
                    "percentile": CalibrationMethod.Percentile}
         out_dir = Path(out_dir)
         with work_dir(out_dir, self.kind) as tmp:
-            src = tmp / "input.onnx"
-            save_onnx(model, src)
+            given = tmp / "input.onnx"
+            staged_input = save_onnx(model, given)
+            src = given
             if cfg.pre_process:
-                src = run_quant_pre_process(src, tmp / "preprocessed.onnx", notes, cfg.pre_process_optimize)
+                src = self._pre_process(given, staged_input, tmp, notes)
             present = {n.name for n in onnx.load(str(src), load_external_data=False).graph.node}
-            missing = sorted(set(cfg.nodes_to_exclude) - present)
+            missing = sorted(set(cfg.exclude_names) - present)
             if missing:
                 notes.append(f"nodes_to_exclude not in the graph: {', '.join(missing[:10])}")
             out = tmp / "out" / f"{self.kind}.onnx"
             out.parent.mkdir()
 
             def quantize(source: Path) -> None:
+                op_types = list(cfg.op_types) if cfg.op_types else None
+                # Ranges depend on the calibrated model, method, op types and samples only: a
+                # repair attempt (other nodes_to_exclude, per-channel weights) reuses them.
+                # onnxruntime computes and stores them on a miss, loads them on a hit.
+                ranges = None
+                if self.cache is not None:
+                    ranges = self.cache.ranges_path(
+                        file_digest([source] if source != given else staged_input),
+                        cfg.calibration_method, op_types, samples)
                 quantize_static(
                     str(source), str(out), _SampleReader(samples), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None,
+                    op_types_to_quantize=op_types,
                     per_channel=per_channel, reduce_range=cfg.reduce_range,
                     # Symmetric activations in uint8 would put the zero-point at 128: use int8.
                     activation_type=QuantType.QInt8 if cfg.activation_symmetric else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
+                    nodes_to_exclude=list(cfg.exclude_names) or None,
                     calibrate_method=methods[cfg.calibration_method],
                     use_external_data_format=large,
                     extra_options={"ActivationSymmetric": cfg.activation_symmetric,
                                    "WeightSymmetric": cfg.weight_symmetric},
+                    calibration_cache_path=str(ranges) if ranges is not None else None,
                 )
 
             mark = output_mark()
             try:
                 quantize(src)
             except Exception as exc:
-                if src.name != "preprocessed.onnx":
+                if src == given:
                     raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc)}"
                                          f"{output_hint(mark)}") from None
                 # Measured on magika: the pre-processor's Gemm fusion leaves a 2-D bias that ORT's
@@ -326,7 +348,7 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
                              "retried without quant_pre_process")
                 mark = output_mark()
                 try:
-                    quantize(tmp / "input.onnx")
+                    quantize(given)
                 except Exception as exc2:
                     raise PackagingError(f"{self.kind}: quantize_static failed: {first_line(exc2)}"
                                          f"{output_hint(mark)}") from None
@@ -334,6 +356,25 @@ class OnnxInt8StaticBuilder(_OnnxBuilder):
         notes.append(f"{quantized} nodes quantized ({'per-channel' if per_channel else 'per-tensor'} "
                      f"weights, {cfg.calibration_method} calibration over {len(samples)} samples)")
         return self._result(files, notes, quantized)
+
+
+    def _pre_process(self, given: Path, staged: list[Path], tmp: Path, notes: list[str]) -> Path:
+        """``quant_pre_process`` of ``given``, once per distinct model: a repair attempt reuses the
+        first attempt's output (and its notes). Models with external data are not cached."""
+        cfg = self.config
+        if self.cache is None or len(staged) > 1:
+            return run_quant_pre_process(given, tmp / "preprocessed.onnx", notes, cfg.pre_process_optimize)
+        key = f"{file_digest(staged)}|optimize={cfg.pre_process_optimize}"
+        found = self.cache.preprocessed(key)
+        if found is not None:
+            path, cached_notes = found
+            notes.extend(cached_notes)
+            return given if path is None else path
+        own: list[str] = []
+        src = run_quant_pre_process(given, tmp / "preprocessed.onnx", own, cfg.pre_process_optimize)
+        notes.extend(own)
+        stored = self.cache.store_preprocessed(key, None if src == given else src, own)
+        return given if stored is None else stored
 
 
 def _opset_for_per_channel(model: onnx.ModelProto, per_channel: bool,
@@ -381,14 +422,20 @@ class Int8DynamicConfig:
              "dynamic INT8 (ConvInteger) measured 6-15x slower than fp32")
     op_types: tuple[str, ...] = param(("MatMul", "Attention", "LSTM"),
                                       "op types to quantize; Conv is left out on purpose")
-    nodes_to_exclude: tuple[str, ...] = param((), "node names left in float")
+    nodes_to_exclude: tuple[Any, ...] = param((), "node names left in float, each a name or a "
+                                                   "(name, reason) pair (see Int8StaticConfig)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.min_matmul_fraction) <= 1.0:
             raise ConfigError(f"onnx-int8-dynamic: min_matmul_fraction {self.min_matmul_fraction} "
                               "is not between 0 and 1")
         object.__setattr__(self, "op_types", tuple(self.op_types))
-        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        _, records = split_float_nodes(self.nodes_to_exclude, "onnx-int8-dynamic")
+        object.__setattr__(self, "nodes_to_exclude", tuple((r["node"], r["reason"]) for r in records))
+
+    @property
+    def exclude_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.nodes_to_exclude)
 
 
 class OnnxInt8DynamicBuilder(_OnnxBuilder):
@@ -421,7 +468,7 @@ class OnnxInt8DynamicBuilder(_OnnxBuilder):
             try:
                 quantize_dynamic(str(src), str(out), op_types_to_quantize=list(cfg.op_types),
                                  per_channel=False, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
+                                 nodes_to_exclude=list(cfg.exclude_names) or None,
                                  use_external_data_format=model.ByteSize() > PROTO_LIMIT)
             except Exception as exc:
                 raise PackagingError(f"{self.kind}: quantize_dynamic failed: {first_line(exc)}"

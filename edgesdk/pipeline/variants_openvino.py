@@ -23,19 +23,20 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from edgesdk.errors import ConfigError, PackagingError, UnsupportedModelError
+from edgesdk.errors import ConfigError, EdgeError, PackagingError, UnsupportedModelError
 from edgesdk.pipeline.build_support import (
     Samples, check_samples, config_from_options, param, publish, real_inputs, save_onnx, work_dir,
 )
 from edgesdk.pipeline.graph_stats import (
     BuiltVariant, VariantNotApplicable, count_openvino_quantized, ensure_node_names, first_line,
-    ml_op_types,
+    ml_op_types, split_float_nodes,
 )
 from edgesdk.profiles import VARIANT_KINDS
 from edgesdk.quiet import output_hint, output_mark
 
 HOST_REFERENCE_OPTIONS: dict[str, str] = {"inference_precision_hint": "f32"}
 PRESETS = ("performance", "mixed")
+MODEL_TYPES = (None, "transformer")  # nncf.ModelType's values, None: NNCF's default (CNN patterns)
 # OpenVINO prefixes the useful line with assertion boilerplate; these lines say nothing.
 _BOILERPLATE = re.compile(r"^(Check '.*' failed at .*|FrontEnd API failed with \w+:?|"
                           r"Model wasn't fully converted\..*|Summary:|Loading input model)$")
@@ -135,7 +136,11 @@ class _OpenVinoBuilder:
         info = VARIANT_KINDS[self.kind]
         return BuiltVariant(kind=self.kind, files=files, precision=info.precision, runtime=info.runtime,
                             quantized_nodes=quantized, runtime_options=dict(self.runtime_options),
-                            notes=notes)
+                            notes=notes, float_nodes=self.float_nodes())
+
+    def float_nodes(self) -> list[dict[str, str]]:
+        """Nodes this build kept in float on request, {"node", "reason"} each (INT8 only)."""
+        return []
 
     def transform(self, ov_model: Any, model: onnx.ModelProto, samples: Samples | None,
                   notes: list[str]) -> Any:
@@ -193,23 +198,58 @@ class OpenVinoInt8Config:
                                        "fastest) or 'mixed' (asymmetric activations, for "
                                        "activations not centred on 0)")
     subset_size: int = param(300, "calibration samples NNCF uses (at most the number given)")
-    nodes_to_exclude: tuple[str, ...] = param((), "ONNX node names left in float (NNCF ignored scope)")
+    fast_bias_correction: bool = param(
+        True, "NNCF's fast bias correction (one pass). False: the slower per-layer bias correction, "
+              "more accurate in general")
+    model_type: str | None = param(None, "None, or 'transformer' for NNCF's transformer patterns "
+                                         "(keeps LayerNorm/Softmax paths out of int8; 'mixed' preset)")
+    accuracy_control: bool = param(
+        False, "nncf.quantize_with_accuracy_control: after quantizing, ops are reverted to float, "
+               "most harmful first, until the mean output cosine to fp32 (the gate's metric) on the "
+               "samples drops by at most max_drop")
+    max_drop: float = param(0.01, "accuracy control: allowed drop of the mean cosine to the fp32 "
+                                  "outputs, worst output (the int8 gate's cosine_min is 0.98)")
+    max_reverted: int = param(16, "accuracy control: most ops it may revert to float (each one "
+                                  "costs a validation pass)")
+    accuracy_samples: int = param(16, "accuracy control: samples it validates on (the first of "
+                                      "the calibration samples) and ranks ops with")
+    nodes_to_exclude: tuple[Any, ...] = param(
+        (), "ONNX node names left in float (NNCF ignored scope), each a name or a (name, reason) "
+            "pair; recorded with its reason in the variant's float_nodes")
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"openvino-int8: preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if self.subset_size < 1:
             raise ConfigError(f"openvino-int8: subset_size must be >= 1, got {self.subset_size}")
-        if isinstance(self.nodes_to_exclude, str):
-            raise ConfigError("openvino-int8: nodes_to_exclude must be a sequence of node names")
-        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"openvino-int8: model_type {self.model_type!r} is not one of "
+                              f"{', '.join(str(t) for t in MODEL_TYPES)}")
+        if not isinstance(self.max_drop, (int, float)) or isinstance(self.max_drop, bool) \
+                or not 0.0 < float(self.max_drop) < 1.0:
+            raise ConfigError(f"openvino-int8: max_drop must be between 0 and 1, got {self.max_drop!r}")
+        for name in ("max_reverted", "accuracy_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"openvino-int8: {name} must be an integer >= 1, got {value!r}")
+        _, records = split_float_nodes(self.nodes_to_exclude, "openvino-int8")
+        object.__setattr__(self, "nodes_to_exclude",
+                           tuple((r["node"], r["reason"]) for r in records))
+
+    @property
+    def exclude_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.nodes_to_exclude)
 
 
 class OpenVinoInt8Builder(_OpenVinoBuilder):
-    """INT8 IR by NNCF post-training quantization over the calibration samples."""
+    """INT8 IR by NNCF post-training quantization over the calibration samples, optionally with
+    NNCF's accuracy control against the fp32 outputs."""
 
     kind = "openvino-int8"
     Config = OpenVinoInt8Config
+
+    def float_nodes(self) -> list[dict[str, str]]:
+        return [{"node": name, "reason": reason} for name, reason in self.config.nodes_to_exclude]
 
     def transform(self, ov_model: Any, model: onnx.ModelProto, samples: Samples | None,
                   notes: list[str]) -> Any:
@@ -219,25 +259,107 @@ class OpenVinoInt8Builder(_OpenVinoBuilder):
         check_samples(model, samples or [], self.kind)
         ignored = None
         if cfg.nodes_to_exclude:
+            names = cfg.exclude_names
             # OpenVINO names an op after its ONNX node, sometimes with a suffix ("conv0/WithoutBiases").
-            patterns = [f"^{re.escape(n)}(/.*)?$" for n in cfg.nodes_to_exclude]
+            patterns = [f"^{re.escape(n)}(/.*)?$" for n in names]
             op_names = [op.get_friendly_name() for op in ov_model.get_ops()]
-            missing = [n for n, p in zip(cfg.nodes_to_exclude, patterns)
-                       if not any(re.match(p, o) for o in op_names)]
+            missing = [n for n, p in zip(names, patterns) if not any(re.match(p, o) for o in op_names)]
             if missing:
-                notes.append(f"nodes_to_exclude not in the OpenVINO model: {', '.join(missing[:10])}")
+                notes.append(f"{len(missing)} of {len(names)} nodes_to_exclude not in the OpenVINO "
+                             f"model (folded away on conversion): {', '.join(missing[:10])}")
             ignored = nncf.IgnoredScope(patterns=patterns, validate=False)
-        preset = {"performance": nncf.QuantizationPreset.PERFORMANCE,
-                  "mixed": nncf.QuantizationPreset.MIXED}[cfg.preset]
-        subset = min(cfg.subset_size, len(samples))
+        common = dict(
+            preset={"performance": nncf.QuantizationPreset.PERFORMANCE,
+                    "mixed": nncf.QuantizationPreset.MIXED}[cfg.preset],
+            subset_size=min(cfg.subset_size, len(samples)),
+            fast_bias_correction=cfg.fast_bias_correction,
+            model_type=nncf.ModelType(cfg.model_type) if cfg.model_type else None,
+            ignored_scope=ignored,
+        )
+        calibration = nncf.Dataset(samples, _as_feeds)
         mark = output_mark()
         try:
-            quantized = nncf.quantize(ov_model, nncf.Dataset(samples, _as_feeds), preset=preset,
-                                      subset_size=subset, ignored_scope=ignored)
+            if cfg.accuracy_control:
+                quantized = self._with_accuracy_control(ov_model, model, calibration, samples, common, notes)
+            else:
+                quantized = nncf.quantize(ov_model, calibration, **common)
+        except EdgeError:
+            raise
         except Exception as exc:  # nncf raises its own errors and whatever OpenVINO raised
-            raise PackagingError(f"{self.kind}: nncf.quantize failed: {first_line(exc)}{output_hint(mark)}") from None
-        notes.append(f"NNCF preset {cfg.preset}, {subset} calibration samples")
+            what = "quantize_with_accuracy_control" if cfg.accuracy_control else "quantize"
+            raise PackagingError(f"{self.kind}: nncf.{what} failed: {first_line(exc)}{output_hint(mark)}") \
+                from None
+        extras = [f"model_type {cfg.model_type}"] if cfg.model_type else []
+        if not cfg.fast_bias_correction:
+            extras.append("full bias correction")
+        notes.append(f"NNCF preset {cfg.preset}, {common['subset_size']} calibration samples"
+                     + "".join(f", {e}" for e in extras))
         return quantized
+
+    def _with_accuracy_control(self, ov_model: Any, model: onnx.ModelProto, calibration: Any,
+                               samples: Samples, common: dict[str, Any], notes: list[str]) -> Any:
+        """NNCF quantizes, then reverts the ops that cost the most of the metric until the drop is
+        within ``max_drop`` or ``max_reverted`` ops are reverted."""
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+        cfg = self.config
+        chosen = samples[:cfg.accuracy_samples]
+        # The fp32 reference is the unquantized IR at f32 (bf16 by default on AMX/BF16 CPUs).
+        compiled = ov.Core().compile_model(ov_model, "CPU", dict(_F32_CONFIG))
+        outputs = [o.name for o in model.graph.output]  # convert_onnx kept these names
+        references = [{name: np.array(result[name]) for name in outputs}
+                      for result in (compiled(feeds) for feeds in chosen)]
+        del compiled
+        metric = OutputCosineMetric(chosen, references)
+        validation = nncf.Dataset(list(range(len(chosen))), lambda i: chosen[i])
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model, calibration, validation, metric, max_drop=float(cfg.max_drop),
+            drop_type=nncf.DropType.ABSOLUTE,
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=cfg.max_reverted, ranking_subset_size=len(chosen)),
+            **common)
+        notes.append(f"accuracy control on {len(chosen)} samples (max drop {cfg.max_drop:g} of the mean "
+                     f"output cosine, at most {cfg.max_reverted} ops reverted): worst output cosine "
+                     f"{metric.last:.4f} after {metric.calls} validations")
+        return quantized
+
+
+_F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+class OutputCosineMetric:
+    """``validation_fn`` for NNCF's accuracy control: the int8 gate's cosine metric, the mean
+    cosine similarity of each output to the fp32 reference over the samples, worst output (higher
+    is better). Data items are sample indices; it also returns one value per item (the worst
+    output's cosine on that sample), which NNCF ranks the ops to revert with."""
+
+    def __init__(self, samples: Samples, references: list[dict[str, np.ndarray]]) -> None:
+        if len(samples) != len(references):
+            raise PackagingError(f"{len(samples)} samples but {len(references)} reference outputs")
+        self.samples, self.references = samples, references
+        self.calls = 0
+        self.last = float("nan")  # of the last validation over all samples (the final model's)
+
+    def __call__(self, compiled: Any, indices: Any) -> tuple[float, list[float]]:
+        from edgesdk.validation import compare_outputs
+
+        per_output: dict[str, list[float]] = {}
+        for index in indices:
+            ref = self.references[int(index)]
+            result = compiled(self.samples[int(index)])
+            metrics = compare_outputs([ref], [{name: np.asarray(result[name]) for name in ref}])
+            for name, m in metrics.items():
+                per_output.setdefault(name, []).append(m.cosine)
+        self.calls += 1
+        if not per_output:
+            return float("nan"), []
+        value = min(float(np.mean(v)) for v in per_output.values())
+        per_item = [float(x) for x in np.min(np.array(list(per_output.values())), axis=0)]
+        if len(per_item) == len(self.samples):
+            self.last = value
+        return value, per_item
 
 
 def _as_feeds(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

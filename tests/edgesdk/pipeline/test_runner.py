@@ -238,7 +238,7 @@ def test_sklearn_classifier_ships_fp32_only_and_says_why_others_were_skipped(skl
 
     assert [v.id for v in result.manifest.variants] == ["onnx-fp32"]
     skipped = {s["kind"]: s["reason"] for s in result.manifest.skipped}
-    assert set(skipped) == {"onnx-int8", "onnx-int8-dynamic", "openvino-fp32", "openvino-int8"}
+    assert set(skipped) == {"onnx-int8", "onnx-int8-dynamic", "openvino-fp32", "openvino-bf16", "openvino-int8"}
     for kind in ("onnx-int8", "onnx-int8-dynamic"):
         assert "ai.onnx.ml" in skipped[kind] and "LinearClassifier" in skipped[kind]
     for kind in ("openvino-fp32", "openvino-int8"):

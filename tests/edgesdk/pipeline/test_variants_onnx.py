@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgesdk.errors import CalibrationDataError, ConfigError
 from edgesdk.pipeline import graph_stats
+from edgesdk.pipeline.calibration_cache import QuantCache
 from edgesdk.pipeline.graph_stats import (
     count_quantized_nodes, ensure_node_names, has_ml_domain, if_subgraph_weight_count,
     matmul_fraction, quantizable_node_names,
@@ -438,3 +439,55 @@ def test_gemm_bias_of_shape_1xn_is_flattened_without_changing_outputs(tmp_path):
     assert list(model.graph.initializer[1].dims) == [4]
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(after[0], before[0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- calibration cache
+
+
+def test_a_repair_build_reuses_the_calibration_ranges_and_matches_a_fresh_build(tmp_path):
+    model, data = conv_net(), images(16, seed=1)
+    cache = QuantCache(tmp_path / "cache")
+    excluded = Int8StaticConfig(nodes_to_exclude=("conv1",))
+
+    OnnxInt8StaticBuilder(cache=cache).build(model, tmp_path / "a0", data)
+    repaired = OnnxInt8StaticBuilder(excluded, cache=cache).build(model, tmp_path / "r1", data)
+    fresh = OnnxInt8StaticBuilder(excluded).build(model, tmp_path / "fresh", data)
+
+    # Pre-processing and calibration ran once; the second build read both back ...
+    assert cache.hits == {"preprocess": 1, "ranges": 1}
+    # ... and the ranges read back give exactly the model a new calibration gives.
+    assert repaired.files[0].read_bytes() == fresh.files[0].read_bytes()
+    assert repaired.notes == fresh.notes
+
+
+@pytest.mark.parametrize("change", ["method", "samples"])
+def test_calibration_ranges_are_not_reused_across_methods_or_samples(tmp_path, change):
+    model, data = conv_net(), images(16, seed=1)
+    cache = QuantCache(tmp_path / "cache")
+    OnnxInt8StaticBuilder(cache=cache).build(model, tmp_path / "a0", data)
+
+    if change == "method":
+        OnnxInt8StaticBuilder(Int8StaticConfig(calibration_method="percentile"), cache=cache).build(
+            model, tmp_path / "r1", data)
+    else:
+        OnnxInt8StaticBuilder(cache=cache).build(model, tmp_path / "r1", images(16, seed=2))
+
+    assert "ranges" not in cache.hits
+    assert len(list((tmp_path / "cache").glob("ranges-*.json"))) == 2
+
+
+def test_a_failed_pre_process_is_remembered_with_its_note(tmp_path, monkeypatch):
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("onnxruntime.quantization.shape_inference.quant_pre_process", always_fails)
+    cache = QuantCache(tmp_path / "cache")
+    model, data = conv_net(), images(8, seed=1)
+
+    first = OnnxInt8StaticBuilder(cache=cache).build(model, tmp_path / "a0", data)
+    second = OnnxInt8StaticBuilder(Int8StaticConfig(nodes_to_exclude=("conv0",)), cache=cache).build(
+        model, tmp_path / "r1", data)
+
+    assert cache.hits["preprocess"] == 1
+    for built in (first, second):
+        assert any("quant_pre_process failed (boom)" in n for n in built.notes)
