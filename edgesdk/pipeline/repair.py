@@ -181,6 +181,10 @@ def _ort_quantized_op_types() -> frozenset[str]:
     return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
 
 
+# What the ranking may hold of both models' intermediate tensors at once.
+RANK_MEMORY_BYTES = 2 << 30
+
+
 def rank_sensitive_nodes(reference_model: Any, int8_path: Any, samples: list[dict[str, np.ndarray]]) -> list[str]:
     """Quantized nodes ranked by how much error they add (their output error minus their inputs')."""
     import onnx
@@ -218,7 +222,7 @@ def rank_sensitive_nodes(reference_model: Any, int8_path: Any, samples: list[dic
         return []
     names = [ref_name(n) for n in compute]
 
-    def outputs_of(model: Any) -> list[dict[str, np.ndarray]]:
+    def session_of(model: Any) -> Any:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         existing = {o.name for o in m.graph.output}
@@ -227,11 +231,23 @@ def rank_sensitive_nodes(reference_model: Any, int8_path: Any, samples: list[dic
                 m.graph.output.append(onnx.ValueInfoProto(name=name))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensors addressable
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return [dict(zip(names, sess.run(names, feeds))) for feeds in samples]
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     try:
-        ref_out, q_out = outputs_of(reference_model), outputs_of(int8)
+        ref_sess = session_of(reference_model)
+        first = dict(zip(names, ref_sess.run(names, samples[0])))
+        # Every intermediate tensor of every sample is held for both models: bound it. A model
+        # whose one sample's tensors pass the budget (a 800x608 layout detector: ~1.7 GB) gets no
+        # search, as a model ORT cannot expose tensors of (the ranking is best effort).
+        per_sample = sum(np.asarray(v).nbytes for v in first.values())
+        count = min(len(samples), RANK_MEMORY_BYTES // max(1, 2 * per_sample))
+        if count < 2:
+            return []
+        ref_out = [first] + [dict(zip(names, ref_sess.run(names, feeds))) for feeds in samples[1:count]]
+        del ref_sess
+        q_sess = session_of(int8)
+        q_out = [dict(zip(names, q_sess.run(names, feeds))) for feeds in samples[:count]]
+        del q_sess
     except Exception:  # ranking is best effort: a model ORT cannot expose tensors of gets no search
         return []
     errors = {}

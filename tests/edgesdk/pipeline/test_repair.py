@@ -166,3 +166,50 @@ def test_node_search_goes_on_while_the_failures_change(monkeypatch):
 
     assert [r["name"] for r in remedies][-1] == "8 most sensitive node(s) in float"
     assert "trend" not in [r["name"] for r in remedies]
+
+
+def _quantized_collapsing_model(tmp_path):  # noqa: ANN001, ANN202
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from tests.fixtures.tiny_models import collapsing_model, random_samples
+
+    from edgesdk.pipeline.graph_stats import ensure_node_names
+
+    model = collapsing_model(tmp_path / "head.onnx")
+    onnx.save(ensure_node_names(onnx.load(str(model.path))), str(model.path))  # as the packager does
+    calibration = random_samples((32,), 64, seed=1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter({"features": x[None]} for x in calibration)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.items, None)
+
+    int8_path = tmp_path / "head.int8.onnx"
+    quantize_static(str(model.path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    samples = [{"features": x[None]} for x in random_samples((32,), 8, seed=2)]
+    return onnx.load(str(model.path)), int8_path, samples
+
+
+def test_ranking_names_the_collapsing_head_first(tmp_path) -> None:  # noqa: ANN001
+    from edgesdk.pipeline.repair import rank_sensitive_nodes
+
+    reference, int8_path, samples = _quantized_collapsing_model(tmp_path)
+    ranked = rank_sensitive_nodes(reference, int8_path, samples)
+    gemm = next(n.name for n in reference.graph.node if n.op_type == "Gemm")
+    assert ranked[0] == gemm  # the head is the one that collapses
+
+
+def test_ranking_that_would_hold_too_many_tensors_is_skipped_not_run_out_of_memory(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # A 800x608 layout detector's intermediate tensors are ~1.7 GB per sample and model: the
+    # ranking held them for 8 samples of both models and the packager was OOM-killed at 24 GB.
+    from edgesdk.pipeline import repair
+
+    reference, int8_path, samples = _quantized_collapsing_model(tmp_path)
+    one_sample = 64 * 4 * 3 + 8 * 4  # more than any one sample's tensors of this model is not needed
+    monkeypatch.setattr(repair, "RANK_MEMORY_BYTES", one_sample)  # room for less than 2 samples
+    assert repair.rank_sensitive_nodes(reference, int8_path, samples) == []
