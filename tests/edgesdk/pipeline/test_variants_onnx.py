@@ -491,3 +491,19 @@ def test_a_failed_pre_process_is_remembered_with_its_note(tmp_path, monkeypatch)
     assert cache.hits["preprocess"] == 1
     for built in (first, second):
         assert any("quant_pre_process failed (boom)" in n for n in built.notes)
+
+
+# --------------------------------------------------------------------------- calibration memory
+def test_histogram_calibration_over_the_memory_bound_uses_fewer_samples_and_says_so(tmp_path, monkeypatch):
+    # onnxruntime's percentile/entropy calibrators keep every sample's full intermediate tensors:
+    # an 800x608 layout detector's percentile repair took 24 GB and was OOM-killed.
+    from edgesdk.pipeline import variants_onnx
+
+    model, samples = conv_net(), images(12, seed=1)
+    assert variants_onnx.calibration_samples(model, "percentile", samples) == (samples, None)  # fits
+    monkeypatch.setattr(variants_onnx, "CALIBRATION_MEMORY_BYTES", variants_onnx.activation_bytes(model) * 4)
+    kept, note = variants_onnx.calibration_samples(model, "percentile", samples)
+    assert len(kept) == 4 and "percentile calibration on 4 of 12 samples" in note
+    assert variants_onnx.calibration_samples(model, "minmax", samples) == (samples, None)  # keeps scalars only
+    built = OnnxInt8StaticBuilder(Int8StaticConfig(calibration_method="percentile")).build(model, tmp_path / "v", samples)
+    assert any("4 of 12 samples" in n for n in built.notes) and built.quantized_nodes >= 3
