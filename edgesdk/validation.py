@@ -214,16 +214,21 @@ def _spread(refs: list[np.ndarray], cands: list[np.ndarray],
         if ref_stats is None or cand_stats is None:
             continue  # the channel count varies between samples: no per-channel statistics
         (ref_std, ref_absmax), (cand_std, _) = ref_stats, cand_stats
-        meaningful = (ref_std > 1e-6 * (ref_absmax + 1e-12)) & (ref_std > 1e-12)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = cand_std[meaningful] / ref_std[meaningful]
-        ratios = ratios[np.isfinite(ratios)]
+        ratios = spread_ratios(ref_std, ref_absmax, cand_std)
         if not ratios.size:
             continue
         result = (float(ratios.min()), int(np.count_nonzero(ratios < threshold)), axis)
         if worst[0] is None or (result[1], -result[0]) > (worst[1], -worst[0]):
             worst = result
     return worst
+
+
+def spread_ratios(ref_std: np.ndarray, ref_absmax: np.ndarray, cand_std: np.ndarray) -> np.ndarray:
+    """std(candidate)/std(reference) of the channels that count (see `_spread`), finite ones only."""
+    meaningful = (ref_std > 1e-6 * (ref_absmax + 1e-12)) & (ref_std > 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = cand_std[meaningful] / ref_std[meaningful]
+    return ratios[np.isfinite(ratios)]
 
 
 def _channel_stats(arrays: list[np.ndarray], axis: int | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgesdk.errors import EdgeError
 from edgesdk.pipeline.progress import Reporter
+from edgesdk.validation import spread_ratios
 
 # The alternative calibration tried for each method: percentile clips outliers that stretch a
 # minmax range; entropy histograms are slow to collect, so they are never the remedy.
@@ -308,10 +309,7 @@ def min_spread_ratio(refs: list[np.ndarray], cands: list[np.ndarray]) -> float |
                 ref_absmax = np.nanmax(np.abs(r), axis=0, initial=0.0)
         else:
             ref_std, cand_std, ref_absmax = r.std(axis=0), c.std(axis=0), np.abs(r).max(axis=0)
-        meaningful = (ref_std > 1e-6 * (ref_absmax + 1e-12)) & (ref_std > 1e-12)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = cand_std[meaningful] / ref_std[meaningful]
-        ratios = ratios[np.isfinite(ratios)]
+        ratios = spread_ratios(ref_std, ref_absmax, cand_std)
         if not ratios.size:
             continue
         result = (int(np.count_nonzero(ratios < 0.5)), -float(ratios.min()))
